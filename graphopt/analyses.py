@@ -1,0 +1,108 @@
+"""Built-in analyses, contributed through the same hook as a plugin's.
+
+``shapes`` runs the graph once on fake tensors (no real compute, no real memory), storing
+each node's fake value in ``node.meta["val"]`` and counting its multiply-accumulates with
+torch's FLOP counter, so functional calls and attention are counted as well as modules.
+``costs`` turns that into per-node parameters and MACs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import GraphoptError, first_line
+from .hookspecs import hookimpl
+from .ir import NodeCost
+
+if TYPE_CHECKING:
+    from .ir import GraphIR
+
+MACS = "graphopt_macs"
+
+
+class _FakeCostInterpreter(fx.Interpreter):
+    """Runs each node under fake tensors and records its value and MAC count."""
+
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, counter: FlopCounterMode) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.mode = mode
+        self.counter = counter
+
+    def run_node(self, n: fx.Node) -> Any:
+        before = self.counter.get_total_flops()
+        try:
+            with self.mode:
+                result = super().run_node(n)
+        except GraphoptError:
+            raise
+        except Exception as exc:
+            kind = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+            if n.op == "call_module":
+                kind = type(self.module.get_submodule(str(n.target))).__name__
+            raise GraphoptError(
+                f"the example input does not fit the model: node '{n.name}' ({kind}) failed "
+                f"with: {first_line(exc)}; give the right input with --input-shape"
+            ) from None
+        n.meta["val"] = result
+        # FLOP counter reports 2 FLOPs per multiply-accumulate.
+        n.meta[MACS] = (self.counter.get_total_flops() - before) // 2
+        return result
+
+
+def propagate_shapes(ir: GraphIR) -> None:
+    """Fill ``node.meta["val"]`` and MAC counts for every node of ``ir``."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in ir.example_inputs]
+    n_placeholders = sum(1 for n in ir.graph.nodes if n.op == "placeholder")
+    if len(inputs) != n_placeholders:
+        raise GraphoptError(
+            f"the model takes {n_placeholders} input(s) but {len(inputs)} example input(s) were "
+            "given; give one --input-shape per input"
+        )
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        _FakeCostInterpreter(ir.gm, mode, counter).run(*inputs)
+
+
+def node_costs(ir: GraphIR) -> dict[str, NodeCost]:
+    """Per-node parameters (each parameter counted at its first use) and MACs."""
+    ir.analysis("shapes")
+    seen: set[int] = set()
+    out = {}
+    for node in ir.graph.nodes:
+        params = 0
+        tensors: list[torch.Tensor] = []
+        if node.op == "call_module":
+            tensors = list(ir.module(node).parameters())
+        elif node.op == "get_attr":
+            value = _fetch(ir.gm, str(node.target))
+            if isinstance(value, torch.nn.Parameter):
+                tensors = [value]
+        for t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                params += t.numel()
+        out[node.name] = NodeCost(params=params, macs=int(node.meta.get(MACS, 0)))
+    return out
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _shapes(ir: GraphIR) -> bool:
+    propagate_shapes(ir)
+    return True
+
+
+@hookimpl
+def graphopt_register_analyses(register: Any) -> None:
+    register("shapes", _shapes)
+    register("costs", node_costs)

@@ -1,0 +1,38 @@
+"""The hooks a graphopt plugin may implement, one documented function each.
+
+Every hook receives a ``register`` callback; a plugin calls it once per thing it adds.
+Built-in passes, analyses and exporters are contributed through these same hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("graphopt")
+hookimpl = pluggy.HookimplMarker("graphopt")
+
+__all__ = ["hookimpl", "hookspec"]
+
+
+@hookspec
+def graphopt_register_passes(register: Any) -> None:
+    """Contribute passes: call ``register(PassSubclass)`` for each."""
+
+
+@hookspec
+def graphopt_register_analyses(register: Any) -> None:
+    """Contribute analyses: call ``register(name, function)``; ``function(ir)`` returns the
+    analysis result, which the IR caches until a pass that does not keep it runs."""
+
+
+@hookspec
+def graphopt_register_exporters(register: Any) -> None:
+    """Contribute output formats: call ``register(Exporter(...))`` for each."""
+
+
+@hookspec
+def graphopt_register_commands(app: Any) -> None:
+    """Contribute CLI subcommands: decorate functions with ``@app.command()`` on the given
+    ``typer.Typer``; they appear beside graphopt's own commands."""

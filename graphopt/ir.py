@@ -1,0 +1,355 @@
+"""GraphIR: an fx ``GraphModule`` plus what passes and people need to work with it.
+
+It carries the example inputs, per-node shapes and dtypes (propagated with fake tensors, no
+real compute), per-node provenance (``node.meta["graphopt_origin"]``: the name of the
+original node a node stands for), per-node parameter and MAC counts, and the pass history.
+
+>>> import torch, graphopt
+>>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+>>> ir = graphopt.GraphIR.trace(model, (torch.randn(1, 3, 16, 16),))
+>>> [n.name for n in ir.nodes(module_type=torch.nn.Conv2d)]
+['_0']
+>>> ir.shape(ir.nodes(module_type=torch.nn.Conv2d)[0])
+(1, 8, 14, 14)
+>>> ir.total_macs()
+86016
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import html
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import GraphoptError, first_line
+
+__all__ = ["ORIGIN", "GraphIR", "NodeCost"]
+
+#: node.meta key holding the name of the original node this node stands for
+ORIGIN = "graphopt_origin"
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """Parameters owned by a node (counted at its first use) and multiply-accumulates."""
+
+    params: int
+    macs: int
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that also treats user-named modules (qualified or class name) as leaves."""
+
+    def __init__(self, leaves: Iterable[str]) -> None:
+        super().__init__()
+        self.leaves = set(leaves)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaves or type(m).__name__ in self.leaves:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _user_frame(tb: TracebackType | None) -> tuple[str, int, str] | None:
+    """The innermost traceback frame outside torch: the model's own line that failed."""
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(__file__)
+    found = None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if not code.co_filename.startswith((torch_dir, here)):
+            owner = tb.tb_frame.f_locals.get("self")
+            where = f"{type(owner).__name__}.{code.co_name}" if owner is not None else code.co_name
+            found = (code.co_filename, tb.tb_lineno, where)
+        tb = tb.tb_next
+    return found
+
+
+class GraphIR:
+    """A traced model with example inputs, shapes, provenance, costs and history."""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: Sequence[Any],
+        *,
+        source: str = "",
+        history: Sequence[str] = (),
+    ) -> None:
+        self.gm = gm
+        self.example_inputs = tuple(example_inputs)
+        self.source = source
+        self.history = list(history)
+        self._analyses: dict[str, Any] = {}
+        for node in gm.graph.nodes:
+            node.meta.setdefault(ORIGIN, node.name)
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def trace(
+        cls,
+        model: nn.Module,
+        example_inputs: Sequence[Any],
+        *,
+        leaf_modules: Iterable[str] = (),
+        concrete_args: dict[str, Any] | None = None,
+        source: str = "",
+    ) -> GraphIR:
+        """Trace ``model`` with torch.fx; a model that is already a GraphModule is used as is.
+
+        ``leaf_modules`` names modules (by qualified name or class name) to keep opaque, and
+        ``concrete_args`` fixes forward arguments to constants; both are the usual cures
+        for a model whose Python control flow depends on its inputs.
+        """
+        if isinstance(model, fx.GraphModule) and not leaf_modules and not concrete_args:
+            return cls(model, example_inputs, source=source)
+        tracer = _Tracer(leaf_modules)
+        try:
+            graph = tracer.trace(model, concrete_args)
+        except Exception as exc:
+            frame = _user_frame(exc.__traceback__)
+            where = f" at {frame[0]}:{frame[1]} in {frame[2]}" if frame else ""
+            owner = frame[2].split(".")[0] if frame and "." in frame[2] else "NAME"
+            raise GraphoptError(
+                f"cannot trace the model with torch.fx: {first_line(exc)}{where}; keep that "
+                f"module opaque with --leaf-module {owner} or fix the argument with "
+                "--concrete-arg NAME=VALUE"
+            ) from None
+        name = type(model).__name__
+        gm = fx.GraphModule(tracer.root, graph, name)
+        gm.train(model.training)
+        return cls(gm, example_inputs, source=source)
+
+    def copy(self) -> GraphIR:
+        """A deep copy sharing nothing with this IR (modules, parameters, graph)."""
+        new = GraphIR(
+            copy.deepcopy(self.gm),
+            self.example_inputs,
+            source=self.source,
+            history=self.history,
+        )
+        return new
+
+    # -- graph access -----------------------------------------------------------------------
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    def module(self, node: fx.Node) -> nn.Module:
+        """The submodule a ``call_module`` node calls."""
+        return self.gm.get_submodule(str(node.target))
+
+    def nodes(
+        self,
+        *,
+        op: str | None = None,
+        module_type: type | tuple[type, ...] | None = None,
+        target: Any = None,
+        name: str | None = None,
+        where: Callable[[fx.Node], bool] | None = None,
+    ) -> list[fx.Node]:
+        """Nodes matching every given filter.
+
+        ``op`` is an fx opcode (``call_module``, ``call_function`` …); ``module_type`` keeps
+        ``call_module`` nodes whose module is an instance of it; ``target`` compares the
+        node's target (a function, method name or module path); ``name`` is a glob pattern
+        over node names; ``where`` any predicate.
+        """
+        found = []
+        for node in self.graph.nodes:
+            if op is not None and node.op != op:
+                continue
+            if module_type is not None and not (
+                node.op == "call_module" and isinstance(self.module(node), module_type)
+            ):
+                continue
+            if target is not None and node.target != target:
+                continue
+            if name is not None and not fnmatch.fnmatchcase(node.name, name):
+                continue
+            if where is not None and not where(node):
+                continue
+            found.append(node)
+        return found
+
+    def replace(self, old: fx.Node, new: fx.Node) -> None:
+        """Route every use of ``old`` to ``new``, hand ``new`` its provenance, erase ``old``."""
+        if new.meta.get(ORIGIN) in (None, new.name):
+            new.meta[ORIGIN] = old.meta.get(ORIGIN, old.name)
+        old.replace_all_uses_with(new)
+        self.graph.erase_node(old)
+
+    def recompile(self) -> None:
+        """Regenerate the module's code after graph edits and drop unused submodules."""
+        self.graph.lint()
+        self.gm.delete_all_unused_submodules()
+        self.gm.recompile()
+
+    # -- analyses -----------------------------------------------------------------------------
+
+    def analysis(self, name: str) -> Any:
+        """The named analysis, computed on first request and cached until invalidated."""
+        if name not in self._analyses:
+            from .plugins import get_registry
+
+            analyses = get_registry().analyses
+            if name not in analyses:
+                raise GraphoptError(
+                    f"unknown analysis '{name}'; known analyses: {', '.join(sorted(analyses))}"
+                )
+            self._analyses[name] = analyses[name](self)
+        return self._analyses[name]
+
+    def invalidate(self, keep: Iterable[str] = ()) -> None:
+        """Forget every cached analysis except those in ``keep``."""
+        keep = set(keep)
+        self._analyses = {k: v for k, v in self._analyses.items() if k in keep}
+
+    def shape(self, node: fx.Node) -> tuple[int, ...] | None:
+        """The static shape of a node's tensor value (None if it is not a tensor)."""
+        self.analysis("shapes")
+        val = node.meta.get("val")
+        return tuple(int(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
+
+    def dtype(self, node: fx.Node) -> torch.dtype | None:
+        self.analysis("shapes")
+        val = node.meta.get("val")
+        return val.dtype if isinstance(val, torch.Tensor) else None
+
+    def costs(self) -> dict[str, NodeCost]:
+        """Per-node parameters and MACs, keyed by node name."""
+        return self.analysis("costs")
+
+    def total_params(self) -> int:
+        return sum(p.numel() for p in self.gm.parameters())
+
+    def total_macs(self) -> int:
+        return sum(c.macs for c in self.costs().values())
+
+    # -- views -------------------------------------------------------------------------------
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One plain dict per node: the data behind the table, JSON and graph views."""
+        costs = self.costs()
+        out = []
+        for node in self.graph.nodes:
+            shape = self.shape(node)
+            dtype = self.dtype(node)
+            target = node.target
+            kind = type(self.module(node)).__name__ if node.op == "call_module" else None
+            out.append(
+                {
+                    "name": node.name,
+                    "op": node.op,
+                    "target": target if isinstance(target, str) else _callable_name(target),
+                    "module": kind,
+                    "shape": list(shape) if shape is not None else None,
+                    "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+                    "params": costs[node.name].params,
+                    "macs": costs[node.name].macs,
+                    "origin": node.meta.get(ORIGIN),
+                    "inputs": [a.name for a in node.all_input_nodes],
+                }
+            )
+        return out
+
+    def to_networkx(self) -> nx.DiGraph:
+        """The dataflow graph as a networkx DiGraph whose node attributes are :meth:`rows`."""
+        g = nx.DiGraph()
+        for row in self.rows():
+            g.add_node(row["name"], **{k: v for k, v in row.items() if k != "inputs"})
+            for src in row["inputs"]:
+                g.add_edge(src, row["name"])
+        return g
+
+    def summary(self, *, limit: int | None = None) -> Any:
+        """A rich Table of nodes with shapes, params and MACs, and the totals."""
+        from rich.table import Table
+
+        table = Table(title=f"{self.source or type(self.gm).__name__}", show_lines=False)
+        for col, justify in [
+            ("node", "left"),
+            ("op", "left"),
+            ("target", "left"),
+            ("shape", "left"),
+            ("dtype", "left"),
+            ("params", "right"),
+            ("MACs", "right"),
+        ]:
+            table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        rows = self.rows()
+        shown = rows if limit is None else rows[:limit]
+        for r in shown:
+            table.add_row(
+                r["name"],
+                r["op"],
+                r["module"] or str(r["target"]),
+                "×".join(map(str, r["shape"])) if r["shape"] is not None else "",
+                r["dtype"] or "",
+                f"{r['params']:,}" if r["params"] else "",
+                f"{r['macs']:,}" if r["macs"] else "",
+            )
+        if len(shown) < len(rows):
+            table.add_row(f"… {len(rows) - len(shown)} more", "", "", "", "", "", "")
+        table.caption = (
+            f"{len(rows)} nodes, {self.total_params():,} params, {self.total_macs():,} MACs"
+        )
+        return table
+
+    def __rich__(self) -> Any:
+        return self.summary(limit=60)
+
+    def __repr__(self) -> str:
+        return (
+            f"GraphIR({self.source or type(self.gm).__name__}: {len(self.graph.nodes)} nodes, "
+            f"history={self.history})"
+        )
+
+    def _repr_html_(self) -> str:
+        rows = self.rows()
+        head = "".join(
+            f"<th>{h}</th>" for h in ("node", "op", "target", "shape", "dtype", "params", "MACs")
+        )
+        body = []
+        for r in rows:
+            cells = [
+                r["name"],
+                r["op"],
+                r["module"] or str(r["target"]),
+                "×".join(map(str, r["shape"])) if r["shape"] is not None else "",
+                r["dtype"] or "",
+                f"{r['params']:,}" if r["params"] else "",
+                f"{r['macs']:,}" if r["macs"] else "",
+            ]
+            body.append(
+                "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
+            )
+        caption = html.escape(
+            f"{self.source or type(self.gm).__name__}: {len(rows)} nodes, "
+            f"{self.total_params():,} params, {self.total_macs():,} MACs"
+        )
+        return (
+            f"<table><caption>{caption}</caption><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table>"
+        )
+
+
+def _callable_name(target: Any) -> str:
+    module = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
+    if name is None:
+        return str(target)
+    module = {"torch._C._nn": "torch.nn.functional", "_operator": "operator"}.get(module, module)
+    return f"{module}.{name}" if module and module != "builtins" else name

@@ -1,0 +1,420 @@
+"""Lowering: writing the optimised model out, atomically, and checking what was written.
+
+The output format follows the path: ``.pt2`` (torch.export archive), ``.pt`` (pickled
+GraphModule), ``.onnx`` (ONNX, checked with ``onnx.checker`` and run with onnxruntime), or a
+directory (readable generated Python and a weights file, loadable without graphopt). Every
+format is an :class:`Exporter` contributed through ``graphopt_register_exporters``, so a
+plugin can add one. Each write goes to a temporary path beside the target; the artifact is
+reloaded from there and its outputs compared with the in-memory model; only then is it
+renamed into place. On any failure nothing is left at the target.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from .errors import GraphoptError, first_line
+from .hookspecs import hookimpl
+from .manager import deviation, run_model
+
+__all__ = ["Exporter", "check_output", "lower", "pick_exporter", "read_metadata"]
+
+METADATA_NAME = "graphopt.json"
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """An output format.
+
+    ``write(gm, example_inputs, path, metadata)`` writes the artifact at ``path`` (a file,
+    or for a directory format a folder that does not exist yet); ``load(path)`` returns a
+    callable that runs it on the example inputs, for verification. ``tolerance`` is the
+    relative output error allowed between the artifact and the in-memory model.
+    """
+
+    name: str
+    suffixes: tuple[str, ...]
+    write: Callable[[fx.GraphModule, tuple[Any, ...], str, dict[str, Any]], None]
+    load: Callable[[str], Callable[..., Any]]
+    read_metadata: Callable[[str], dict[str, Any] | None]
+    directory: bool = False
+    tolerance: float = 1e-5
+    summary: str = ""
+
+
+def _strip(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` without fake tensors in node metadata (they cannot be serialised)."""
+    clone = copy.deepcopy(gm)
+    for node in clone.graph.nodes:
+        node.meta.pop("val", None)
+    clone.eval()
+    return clone
+
+
+# -- .pt2 --------------------------------------------------------------------------------------
+
+
+def _export(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.export(_strip(gm), inputs)
+    except Exception as exc:
+        raise GraphoptError(
+            f"torch.export cannot export the optimised model ({first_line(exc)}); choose another "
+            "output format, e.g. -o model.pt"
+        ) from None
+
+
+def _write_pt2(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: dict) -> None:
+    program = _export(gm, inputs)
+    torch.export.save(program, path, extra_files={METADATA_NAME: json.dumps(meta)})
+
+
+def _load_pt2(path: str) -> Callable[..., Any]:
+    return torch.export.load(path).module()
+
+
+def _meta_pt2(path: str) -> dict[str, Any] | None:
+    extra = {METADATA_NAME: ""}
+    torch.export.load(path, extra_files=extra)
+    return json.loads(extra[METADATA_NAME]) if extra[METADATA_NAME] else None
+
+
+# -- .pt ---------------------------------------------------------------------------------------
+
+
+def _write_pt(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: dict) -> None:
+    clone = _strip(gm)
+    clone.graphopt_metadata = meta
+    torch.save(clone, path)
+
+
+def _load_pt(path: str) -> Callable[..., Any]:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _meta_pt(path: str) -> dict[str, Any] | None:
+    return getattr(_load_pt(path), "graphopt_metadata", None)
+
+
+# -- directory: generated Python + weights ------------------------------------------------------
+
+
+def _import_line(name: str, value: Any) -> str:
+    if isinstance(value, type(torch)):
+        return f"import {value.__name__} as {name}" if value.__name__ != name else f"import {name}"
+    if isinstance(value, float):
+        return f"{name} = float({str(value)!r})"
+    if value is type(None):
+        return "NoneType = type(None)"
+    module, qual = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    if module and qual and "." not in qual:
+        return (
+            f"from {module} import {qual} as {name}"
+            if qual != name
+            else f"from {module} import {name}"
+        )
+    raise GraphoptError(
+        f"the generated code needs '{name}' ({value!r}), which cannot be imported by name; "
+        "choose another output format, e.g. -o model.pt2"
+    )
+
+
+def _write_folder(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: dict) -> None:
+    program = _export(gm, inputs)
+    sig = program.graph_signature
+    graph_module = program.graph_module
+    state = dict(program.state_dict)
+    state.update(program.constants)
+    lifted = {
+        **sig.inputs_to_parameters,
+        **sig.inputs_to_buffers,
+        **sig.inputs_to_lifted_tensor_constants,
+    }
+    weights = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder" and node.name in lifted:
+            weights[node.name] = state[lifted[node.name]].detach().contiguous()
+    params = set(sig.inputs_to_parameters)
+    code = graph_module.graph.python_code("self")
+    imports = sorted({_import_line(k, v) for k, v in code.globals.items()} | {"import torch"})
+    arg_list = [n.name for n in graph_module.graph.nodes if n.op == "placeholder"]
+    call_args = ", ".join(
+        f"self.{name}" if name in lifted else f"flat_inputs[{sig.user_inputs.index(name)}]"
+        for name in arg_list
+    )
+    body = code.src.replace("def forward(self,", "def _graph(self,", 1)
+    out_spec = pytree.treespec_dumps(program.call_spec.out_spec)
+    in_spec = pytree.treespec_dumps(program.call_spec.in_spec)
+    title = f"{meta.get('source') or 'model'} optimised by graphopt {meta.get('graphopt', '')}"
+    source = f'''"""{title}.
+
+Pipeline: {meta.get("pipeline", "")}
+Generated code; it needs only PyTorch. Load it with:
+
+    import importlib.util, sys
+    spec = importlib.util.spec_from_file_location("optimised", "<this folder>/__init__.py")
+    module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+    model = module.OptimisedModel()
+"""
+
+{chr(10).join(imports)}
+from pathlib import Path
+
+from torch.utils import _pytree as _pytree
+
+_HERE = Path(__file__).resolve().parent
+_PARAMETERS = {sorted(params)!r}
+_IN_SPEC = _pytree.treespec_loads({in_spec!r})
+_OUT_SPEC = _pytree.treespec_loads({out_spec!r})
+
+
+class OptimisedModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        weights = torch.load(_HERE / "weights.pt", map_location="cpu", weights_only=True)
+        for name, tensor in weights.items():
+            if name in _PARAMETERS:
+                self.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+            else:
+                self.register_buffer(name, tensor)
+
+    def forward(self, *args, **kwargs):
+        flat_inputs, _ = _pytree.tree_flatten((args, kwargs))
+        flat_outputs = self._graph({call_args})
+        return _pytree.tree_unflatten(list(flat_outputs), _OUT_SPEC)
+{body}'''
+    os.makedirs(path)
+    torch.save(weights, os.path.join(path, "weights.pt"))
+    with open(os.path.join(path, "model.py"), "w") as f:
+        f.write(source)
+    with open(os.path.join(path, "__init__.py"), "w") as f:
+        f.write("from .model import OptimisedModel\n\n__all__ = ['OptimisedModel']\n")
+    with open(os.path.join(path, METADATA_NAME), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def _load_folder(path: str) -> Callable[..., Any]:
+    name = f"_graphopt_artifact_{uuid.uuid4().hex}"
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(path, "__init__.py"), submodule_search_locations=[path]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        return module.OptimisedModel()
+    finally:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
+
+
+def _meta_folder(path: str) -> dict[str, Any] | None:
+    file = os.path.join(path, METADATA_NAME)
+    if not os.path.exists(file):
+        return None
+    with open(file) as f:
+        return json.load(f)
+
+
+# -- .onnx -------------------------------------------------------------------------------------
+
+
+def _write_onnx(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: dict) -> None:
+    import onnx
+
+    try:
+        program = torch.onnx.export(_strip(gm), inputs, dynamo=True, verbose=False)
+        model = program.model_proto
+    except Exception as exc:
+        raise GraphoptError(
+            f"the model cannot be exported to ONNX ({first_line(exc)}); choose another output "
+            "format, e.g. -o model.pt2"
+        ) from None
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_NAME, json.dumps(meta)
+    onnx.save(model, path)
+    onnx.checker.check_model(path, full_check=True)
+
+
+def _load_onnx(path: str) -> Callable[..., Any]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(*args: Any) -> list[torch.Tensor]:
+        feeds = {n: a.numpy() for n, a in zip(names, args, strict=False)}
+        return [torch.from_numpy(o) for o in session.run(None, feeds)]
+
+    return run
+
+
+def _meta_onnx(path: str) -> dict[str, Any] | None:
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == METADATA_NAME:
+            return json.loads(prop.value)
+    return None
+
+
+BUILTIN_EXPORTERS = (
+    Exporter("pt2", (".pt2",), _write_pt2, _load_pt2, _meta_pt2, summary="torch.export archive"),
+    Exporter("pt", (".pt", ".pth"), _write_pt, _load_pt, _meta_pt, summary="pickled GraphModule"),
+    Exporter(
+        "onnx",
+        (".onnx",),
+        _write_onnx,
+        _load_onnx,
+        _meta_onnx,
+        tolerance=1e-3,
+        summary="ONNX, checked with onnx.checker and onnxruntime",
+    ),
+    Exporter(
+        "folder",
+        (),
+        _write_folder,
+        _load_folder,
+        _meta_folder,
+        directory=True,
+        summary="generated Python + weights.pt, loadable without graphopt",
+    ),
+)
+
+
+@hookimpl
+def graphopt_register_exporters(register: Any) -> None:
+    for exporter in BUILTIN_EXPORTERS:
+        register(exporter)
+
+
+# -- choosing, writing, verifying ---------------------------------------------------------------
+
+
+def pick_exporter(out: str, exporters: dict[str, Exporter]) -> Exporter:
+    """The exporter for an output path: by suffix, or the directory format for a folder."""
+    suffix = os.path.splitext(out.rstrip("/"))[1].lower()
+    if out.endswith(("/", os.sep)) or os.path.isdir(out) or not suffix:
+        folders = [e for e in exporters.values() if e.directory]
+        if folders:
+            return folders[0]
+    for exporter in exporters.values():
+        if suffix in exporter.suffixes:
+            return exporter
+    known = ", ".join(s for e in exporters.values() for s in e.suffixes)
+    raise GraphoptError(
+        f"no output format for '{out}'; name a file ending in {known}, or a directory"
+    )
+
+
+def check_output(out: str, exporters: dict[str, Exporter]) -> Exporter:
+    """Fail early, before any work, if ``out`` cannot be written."""
+    exporter = pick_exporter(out, exporters)
+    target = os.path.abspath(out.rstrip("/") or out)
+    foreign = not os.path.exists(os.path.join(target, METADATA_NAME))
+    if exporter.directory and os.path.isdir(target) and os.listdir(target) and foreign:
+        raise GraphoptError(
+            f"output directory '{out}' exists and was not written by graphopt; choose a new "
+            "or empty directory"
+        )
+    if os.path.isdir(target) and not exporter.directory:
+        raise GraphoptError(f"output '{out}' is a directory; give a file path")
+    parent = os.path.dirname(target)
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise GraphoptError(
+            f"cannot write '{out}': '{existing}' is not a writable directory; choose another -o"
+        )
+    return exporter
+
+
+def lower(
+    gm: fx.GraphModule,
+    example_inputs: tuple[Any, ...],
+    out: str,
+    metadata: dict[str, Any],
+    exporters: dict[str, Exporter],
+) -> dict[str, Any]:
+    """Write ``gm`` to ``out`` atomically and verify the artifact; return the check figures."""
+    exporter = check_output(out, exporters)
+    target = os.path.abspath(out.rstrip("/") or out)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp_root = tempfile.mkdtemp(prefix=".graphopt-", dir=parent)
+    tmp = os.path.join(tmp_root, os.path.basename(target))
+    try:
+        try:
+            exporter.write(gm, example_inputs, tmp, metadata)
+        except GraphoptError:
+            raise
+        except Exception as exc:
+            raise GraphoptError(
+                f"writing the {exporter.name} artifact failed ({type(exc).__name__}: "
+                f"{first_line(exc)}); choose another output format"
+            ) from None
+        check = verify(exporter, tmp, gm, example_inputs)
+        _replace(tmp, target, exporter.directory)
+        return check
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def verify(
+    exporter: Exporter, path: str, gm: fx.GraphModule, example_inputs: tuple[Any, ...]
+) -> dict[str, Any]:
+    """Reload an artifact and compare its outputs with the in-memory model."""
+    try:
+        loaded = exporter.load(path)
+        got = (
+            run_model(loaded, example_inputs)
+            if isinstance(loaded, torch.nn.Module)
+            else loaded(*example_inputs)
+        )
+    except Exception as exc:
+        raise GraphoptError(
+            f"the written {exporter.name} artifact cannot be loaded back and run "
+            f"({type(exc).__name__}: {first_line(exc)}); nothing was written"
+        ) from None
+    expected = run_model(gm, example_inputs)
+    flat_expected = [t for t in pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
+    flat_got = [t for t in pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
+    dev = deviation(flat_got, flat_expected)
+    if dev.rel_err > exporter.tolerance:
+        raise GraphoptError(
+            f"the written {exporter.name} artifact does not reproduce the model (relative error "
+            f"{dev.rel_err:.2e} > {exporter.tolerance:.0e}); nothing was written"
+        )
+    return {"format": exporter.name, "max_abs_err": dev.max_abs_err, "rel_err": dev.rel_err}
+
+
+def _replace(tmp: str, target: str, directory: bool) -> None:
+    if directory and os.path.isdir(target):
+        old = target + f".old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def read_metadata(path: str, exporters: dict[str, Exporter]) -> dict[str, Any] | None:
+    """The graphopt metadata (pipeline, ledger, versions) stored in an artifact, if any."""
+    return pick_exporter(path, exporters).read_metadata(path)
