@@ -12,7 +12,7 @@ original node a node stands for), per-node parameter and MAC counts, and the pas
 >>> ir.shape(ir.nodes(module_type=torch.nn.Conv2d)[0])
 (1, 8, 14, 14)
 >>> ir.total_macs()
-86016
+42336
 """
 
 from __future__ import annotations
