@@ -38,20 +38,24 @@ class _FakeCostInterpreter(fx.Interpreter):
         try:
             with self.mode:
                 result = super().run_node(n)
-        except GraphoptError:
-            raise
         except Exception as exc:
-            kind = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-            if n.op == "call_module":
-                kind = type(self.module.get_submodule(str(n.target))).__name__
-            raise GraphoptError(
-                f"the example input does not fit the model: node '{n.name}' ({kind}) failed "
-                f"with: {first_line(exc)}; give the right input with --input-shape"
-            ) from None
+            # Remember the failure; fx's run loop rewrites the message of what passes through.
+            self.failure = (n, exc)
+            raise
         n.meta["val"] = result
         # FLOP counter reports 2 FLOPs per multiply-accumulate.
         n.meta[MACS] = (self.counter.get_total_flops() - before) // 2
         return result
+
+    def describe_failure(self) -> str:
+        node, exc = self.failure
+        kind = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if node.op == "call_module":
+            kind = type(self.module.get_submodule(str(node.target))).__name__
+        return (
+            f"the example input does not fit the model: node '{node.name}' ({kind}) failed "
+            f"with: {first_line(exc)}; give the right input with --input-shape"
+        )
 
 
 def propagate_shapes(ir: GraphIR) -> None:
@@ -65,7 +69,14 @@ def propagate_shapes(ir: GraphIR) -> None:
             "given; give one --input-shape per input"
         )
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        _FakeCostInterpreter(ir.gm, mode, counter).run(*inputs)
+        interpreter = _FakeCostInterpreter(ir.gm, mode, counter)
+        interpreter.failure = None
+        try:
+            interpreter.run(*inputs)
+        except Exception:
+            if interpreter.failure is None:
+                raise
+            raise GraphoptError(interpreter.describe_failure()) from None
 
 
 def node_costs(ir: GraphIR) -> dict[str, NodeCost]:

@@ -75,6 +75,39 @@ def _user_frame(tb: TracebackType | None) -> tuple[str, int, str] | None:
     return found
 
 
+def _drop_guarded_placeholders(graph: fx.Graph) -> None:
+    """Remove placeholders that concrete_args fixed, with the guards fx adds for them.
+
+    fx keeps such an argument as a placeholder whose only use is an assertion that the
+    caller passes the traced value; with the value baked in, the input is dead weight and
+    would make the model's signature differ from its example inputs.
+    """
+    for node in list(graph.nodes):
+        if node.op != "placeholder":
+            continue
+        reach = set()
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            if current in reach:
+                continue
+            reach.add(current)
+            stack.extend(current.users)
+        if any(n.op == "output" for n in reach):
+            continue
+        if not any(n.op == "call_function" and n.target is torch._assert for n in reach):
+            continue
+        for dead in sorted(reach, key=lambda n: -_position(graph, n)):
+            graph.erase_node(dead)
+
+
+def _position(graph: fx.Graph, node: fx.Node) -> int:
+    for i, n in enumerate(graph.nodes):
+        if n is node:
+            return i
+    return -1
+
+
 class GraphIR:
     """A traced model with example inputs, shapes, provenance, costs and history."""
 
@@ -126,6 +159,7 @@ class GraphIR:
                 f"module opaque with --leaf-module {owner} or fix the argument with "
                 "--concrete-arg NAME=VALUE"
             ) from None
+        _drop_guarded_placeholders(graph)
         name = type(model).__name__
         gm = fx.GraphModule(tracer.root, graph, name)
         gm.train(model.training)

@@ -187,11 +187,12 @@ def format_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ",".join(format_value(v) for v in value) + "]"
     text = str(value)
-    if text == "" or any(c in text for c in ",()[]=\"' "):
+    if text == "" or any(c in _QUOTED or c.isspace() or not c.isprintable() for c in text):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text
 
 
+_QUOTED = set(",()[]=\"'\\")
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 

@@ -125,7 +125,9 @@ class _Parser:
                 if self.peek() == ")":
                     self.pos += 1
                     break
-                self.expect(",")
+                if self.peek() != ",":
+                    raise self.fail("',' or ')'")
+                self.pos += 1
         return Step(name, options, column)
 
     def pipeline(self) -> list[Step]:

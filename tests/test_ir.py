@@ -1,0 +1,172 @@
+"""GraphIR: tracing, fake-tensor shapes, costs, provenance, queries and views."""
+
+from __future__ import annotations
+
+import networkx as nx
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import graphopt
+from graphopt import GraphIR
+
+
+def test_shapes_come_from_fake_tensors_and_match_real_run(block, block_input):
+    ir = GraphIR.trace(block, block_input)
+    ir.analysis("shapes")
+    real = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o, name=name: real.setdefault(name, o))
+        for name, m in block.named_modules()
+        if name in ("stem", "grouped", "head")
+    ]
+    block(*block_input)
+    for h in hooks:
+        h.remove()
+    for node in ir.nodes(op="call_module"):
+        if node.target in real:
+            assert ir.shape(node) == tuple(real[node.target].shape)
+            assert ir.dtype(node) == torch.float32
+    for node in ir.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            assert type(val).__name__ == "FakeTensor"  # no real memory held in the IR
+
+
+@pytest.mark.parametrize(
+    ("name", "gmacs", "mparams"),
+    [("resnet18", 1.814, 11.690), ("resnet50", 4.089, 25.557), ("mobilenet_v2", 0.301, 3.505)],
+)
+def test_macs_and_params_match_published_figures(name, gmacs, mparams):
+    ir = graphopt.load(f"torchvision:{name}")
+    # torchvision's model cards list GFLOPS as multiply-accumulates (1.81 for resnet18)
+    assert ir.total_macs() / 1e9 == pytest.approx(gmacs, abs=0.01)
+    assert ir.total_params() / 1e6 == pytest.approx(mparams, abs=0.01)
+
+
+def test_macs_count_functional_calls_and_attention():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(32, 16))
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x):
+            y = torch.nn.functional.linear(x, self.w)  # 5*32*16 MACs per batch row
+            a, _ = self.attn(x, x, x)
+            return y.sum() + a.sum()
+
+    ir = GraphIR.trace(Functional(), (torch.randn(1, 5, 16),))
+    costs = ir.costs()
+    linear = ir.nodes(target=torch.nn.functional.linear)[0]
+    assert costs[linear.name].macs == 5 * 32 * 16
+    attn = ir.nodes(module_type=nn.MultiheadAttention)[0]
+    # in-proj 3·L·E², scores and values 2·L²·E, out-proj L·E²  (L=5, E=16)
+    assert costs[attn.name].macs == 3 * 5 * 16 * 16 + 2 * 5 * 5 * 16 + 5 * 16 * 16
+    assert costs["w"].params == 32 * 16  # the get_attr node owns the functional weight
+
+
+def test_shared_module_params_are_counted_once(block, block_input):
+    ir = GraphIR.trace(block, block_input)
+    shared = ir.nodes(op="call_module", name="shared*")
+    assert len(shared) == 2
+    per_node = [ir.costs()[n.name].params for n in shared]
+    assert sorted(per_node) == [0, sum(p.numel() for p in block.shared.parameters())]
+    assert sum(c.params for c in ir.costs().values()) == ir.total_params()
+
+
+def test_queries(block, block_input):
+    ir = GraphIR.trace(block, block_input)
+    convs = ir.nodes(module_type=nn.Conv2d)
+    assert [n.target for n in convs] == ["stem", "grouped", "depthwise", "shared", "shared"]
+    assert [n.name for n in ir.nodes(op="call_function", target=torch.cat)] == ["cat", "cat_1"]
+    assert [n.name for n in ir.nodes(name="shared*")] == ["shared", "shared_1"]
+    assert ir.nodes(where=lambda n: n.op == "output")[0].name == "output"
+
+
+def test_provenance_follows_replacements(block, block_input):
+    ir = GraphIR.trace(block, block_input)
+    assert all(n.meta[graphopt.ORIGIN] == n.name for n in ir.graph.nodes)
+    bn = ir.nodes(name="bn")[0]
+    with ir.graph.inserting_after(bn):
+        clone = ir.graph.call_function(torch.clone, (bn.args[0],))
+    ir.replace(bn, clone)  # the clone now stands for the original bn node
+    assert clone.meta[graphopt.ORIGIN] == "bn"
+    ir.recompile()
+    copied = ir.copy()
+    assert {n.meta[graphopt.ORIGIN] for n in copied.graph.nodes} == {
+        n.meta[graphopt.ORIGIN] for n in ir.graph.nodes
+    }
+
+
+def test_networkx_view(block, block_input):
+    ir = GraphIR.trace(block, block_input)
+    g = ir.to_networkx()
+    assert isinstance(g, nx.DiGraph)
+    assert nx.is_directed_acyclic_graph(g)
+    assert g.number_of_nodes() == len(ir.graph.nodes)
+    assert g.has_edge("stem", "bn")
+    assert g.nodes["head"]["shape"] == [2, 10]
+    assert g.nodes["head"]["params"] == 32 * 10 + 10
+
+
+def test_summary_and_html(block, block_input):
+    from rich.console import Console
+
+    ir = GraphIR.trace(block, block_input)
+    console = Console(record=True, width=200)
+    console.print(ir.summary())
+    text = console.export_text()
+    assert "stem" in text and "2×16×8×8" in text and f"{ir.total_params():,} params" in text
+    page = ir._repr_html_()
+    assert page.startswith("<table>") and "<td>stem</td>" in page and page.count("<tr>") == len(
+        ir.graph.nodes
+    ) + 1
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(self.gate(x))
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: untraceable
+            return x
+        return -x
+
+
+def test_untraceable_model_names_line_and_suggests_leaf():
+    with pytest.raises(graphopt.GraphoptError) as info:
+        GraphIR.trace(Branchy(), (torch.randn(1, 4),))
+    message = str(info.value)
+    assert "test_ir.py:" in message and "Gate.forward" in message
+    assert "--leaf-module Gate" in message
+    ir = GraphIR.trace(Branchy(), (torch.randn(1, 4),), leaf_modules=["Gate"])
+    assert [n.op for n in ir.graph.nodes] == ["placeholder", "call_module", "call_module", "output"]
+
+
+def test_concrete_args_remove_a_branch():
+    class Flag(nn.Module):
+        def forward(self, x, double=False):
+            return x * 2 if double else x
+
+    ir = GraphIR.trace(Flag(), (torch.randn(2),), concrete_args={"double": True})
+    x = torch.randn(2)
+    assert torch.equal(ir.gm(x), x * 2)
+    assert [n.op for n in ir.graph.nodes] == ["placeholder", "call_function", "output"]
+
+
+def test_input_that_does_not_fit_is_one_sentence():
+    ir = GraphIR.trace(torchvision.models.resnet18(), (torch.randn(1, 4, 32, 32),))
+    with pytest.raises(graphopt.GraphoptError) as info:
+        ir.analysis("shapes")
+    message = str(info.value)
+    assert "does not fit" in message and "conv1" in message and "--input-shape" in message
+    assert "\n" not in message
