@@ -50,7 +50,7 @@ class NodeCost:
 class _Tracer(fx.Tracer):
     """fx tracer that also treats user-named modules (qualified or class name) as leaves."""
 
-    def __init__(self, leaves: Iterable[str]) -> None:
+    def __init__(self, leaves: Iterable[str] = ()) -> None:
         super().__init__()
         self.leaves = set(leaves)
 

@@ -100,6 +100,7 @@ class Cleanup(graphopt.Pass):
             before = len(ir.graph.nodes)
             ir.graph.eliminate_dead_code()
             ctx.stat("dead nodes removed", before - len(ir.graph.nodes))
+            _drop_unreferenced_attributes(ir, ctx)
 
     def _is_noop(self, ir: GraphIR, node: fx.Node, opts: Any, ctx: PassContext) -> bool:
         if not node.args or not isinstance(node.args[0], fx.Node):
@@ -169,11 +170,39 @@ class Cleanup(graphopt.Pass):
             if not isinstance(result, torch.Tensor):
                 continue
             name = _free_attr(ir.gm, f"_folded_{node.name}")
-            ir.gm.register_buffer(name, result.detach().clone())
+            folded = result.detach().clone()
+            if _from_parameters(node, values):
+                # Still a weight: keep it trainable and counted, like what it was made from.
+                ir.gm.register_parameter(name, nn.Parameter(folded, requires_grad=True))
+            else:
+                ir.gm.register_buffer(name, folded)
             with ir.graph.inserting_before(node):
                 replacement = ir.graph.get_attr(name)
             ir.replace(node, replacement)
             ctx.stat("constant subgraphs folded")
+
+
+def _from_parameters(node: fx.Node, values: dict[fx.Node, Any]) -> bool:
+    """Whether the constant subgraph ending at ``node`` reads any nn.Parameter."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "get_attr" and isinstance(values.get(current), nn.Parameter):
+            return True
+        stack.extend(current.all_input_nodes)
+    return False
+
+
+def _drop_unreferenced_attributes(ir: GraphIR, ctx: PassContext) -> None:
+    """Delete root-level parameters and buffers that no node reads any more."""
+    used = {str(n.target).split(".")[0] for n in ir.graph.nodes if n.op == "get_attr"}
+    for table in (ir.gm._parameters, ir.gm._buffers):
+        for name in [k for k in table if k not in used]:
+            del table[name]
+            ctx.stat("unused tensors dropped")
 
 
 def _free_attr(gm: fx.GraphModule, base: str) -> str:

@@ -120,9 +120,11 @@ def test_summary_and_html(block, block_input):
     text = console.export_text()
     assert "stem" in text and "2×16×8×8" in text and f"{ir.total_params():,} params" in text
     page = ir._repr_html_()
-    assert page.startswith("<table>") and "<td>stem</td>" in page and page.count("<tr>") == len(
-        ir.graph.nodes
-    ) + 1
+    assert (
+        page.startswith("<table>")
+        and "<td>stem</td>" in page
+        and page.count("<tr>") == len(ir.graph.nodes) + 1
+    )
 
 
 class Branchy(nn.Module):

@@ -100,7 +100,12 @@ def test_options_are_typed_and_validated(registry):
     )
     o = p.options
     assert (o.ratio, o.steps, o.criterion, o.global_, o.ignore, o.limit) == (
-        0.25, 3, "l2", True, ["a", "b"], None,
+        0.25,
+        3,
+        "l2",
+        True,
+        ["a", "b"],
+        None,
     )
     (p,) = resolve(parse("shrink(limit=2.5,ignore=fc)"), registry)
     assert p.options.limit == 2.5 and p.options.ignore == ["fc"]
@@ -125,7 +130,7 @@ def test_bad_options_name_the_problem(registry, text, fragment):
 
 
 def test_canonical_form_drops_defaults_and_round_trips(registry):
-    passes = resolve(parse("shrink( ratio = 0.250 , steps=1, label=\"a b\" ),late"), registry)
+    passes = resolve(parse('shrink( ratio = 0.250 , steps=1, label="a b" ),late'), registry)
     text = format_pipeline(passes)
     assert text == 'shrink(ratio=0.25,label="a b"),late'
     assert format_pipeline(resolve(parse(text), registry)) == text
@@ -138,7 +143,7 @@ values = st.fixed_dictionaries(
         "steps": st.integers(1, 50),
         "criterion": st.sampled_from(["l1", "l2", "random"]),
         "global_": st.booleans(),
-        "ignore": st.lists(st.text("abc.*_0123(),= \"", min_size=1, max_size=6), max_size=3),
+        "ignore": st.lists(st.text('abc.*_0123(),= "', min_size=1, max_size=6), max_size=3),
         "label": st.text(min_size=0, max_size=8),
         "limit": st.none() | st.floats(-1e6, 1e6, allow_nan=False),
     },

@@ -1,0 +1,165 @@
+"""The pass manager: ledger, never mutating the caller, instrumentation, crash reproducers."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torchvision
+
+import graphopt
+from graphopt import GraphIR, PassManager
+from graphopt.plugins import load_registry
+
+
+class Halve(graphopt.Pass):
+    """Lossy on purpose: scales every conv weight, so the ledger must show a deviation."""
+
+    name = "halve"
+    summary = "Scale conv weights."
+    exact = False
+
+    @dataclass
+    class Options:
+        factor: float = graphopt.option(0.5, "scale")
+
+    def run(self, ir, ctx):
+        for node in ir.nodes(module_type=torch.nn.Conv2d):
+            ir.module(node).weight.data.mul_(self.options.factor)
+            ctx.stat("scaled")
+
+
+class Liar(graphopt.Pass):
+    """Claims to be exact but is not: the manager must say so."""
+
+    name = "liar"
+    summary = "Breaks the model while claiming exactness."
+
+    def run(self, ir, ctx):
+        for node in ir.nodes(op="call_module"):
+            module = ir.module(node)
+            if hasattr(module, "bias") and module.bias is not None:
+                module.bias.data.add_(1.0)
+
+
+class Crash(graphopt.Pass):
+    name = "crash"
+    summary = "Raises."
+
+    def run(self, ir, ctx):
+        raise ZeroDivisionError("boom")
+
+
+class _Plugin:
+    @staticmethod
+    @graphopt.hookimpl
+    def graphopt_register_passes(register):
+        for cls in (Halve, Liar, Crash):
+            register(cls)
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_registry(autoload=False, extra=[_Plugin])
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_ledger_records_each_pass_and_caller_model_is_untouched(registry, block, block_input):
+    before = _state(block)
+    ir = GraphIR.trace(block, block_input)
+    code_before = ir.gm.code
+    result = PassManager("cleanup,halve(factor=0.25)", registry=registry).run(ir)
+    steps = [e.step for e in result.ledger]
+    assert steps == ["(input)", "cleanup", "halve(factor=0.25)"]
+    assert result.pipeline == "cleanup,halve(factor=0.25)"
+    cleanup, halve = result.ledger[1:]
+    assert cleanup.exact and cleanup.rel_err < 1e-6 and cleanup.stats["dropout removed"] == 1
+    assert not halve.exact and halve.rel_err > 1e-3 and halve.stats["scaled"] == 5
+    assert halve.options == {"factor": 0.25}
+    # the deviation is real: recompute it independently
+    expected = block(*block_input)
+    got = result.ir.gm(*block_input)
+    assert halve.rel_err == pytest.approx(
+        float((got - expected).norm() / expected.norm()), rel=1e-4
+    )
+    assert result.ledger[0].params == sum(p.numel() for p in block.parameters())
+    # the caller's model and IR are unchanged
+    after = _state(block)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert ir.gm.code == code_before
+    assert ir.history == [] and result.ir.history == ["cleanup", "halve(factor=0.25)"]
+
+
+def test_top1_agreement_for_classifiers(registry):
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    inputs = (torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)),)
+    result = PassManager("halve(factor=0.0)", registry=registry).run(GraphIR.trace(model, inputs))
+    entry = result.ledger[-1]
+    ref = model(*inputs).argmax(1)
+    got = result.ir.gm(*inputs).argmax(1)
+    assert entry.top1 == pytest.approx(float((ref == got).float().mean()))
+
+
+def test_exact_pass_that_changes_output_is_flagged(registry, block, block_input):
+    result = PassManager("liar", registry=registry).run(GraphIR.trace(block, block_input))
+    assert any("exact pass changed the output" in n for n in result.ledger[-1].notes)
+
+
+def test_crash_writes_a_reproducer(registry, block, block_input, tmp_path):
+    manager = PassManager("cleanup,crash", registry=registry, repro_dir=str(tmp_path))
+    with pytest.raises(graphopt.PassCrash) as info:
+        manager.run(GraphIR.trace(block, block_input))
+    bundle = info.value.bundle
+    assert bundle and os.path.dirname(bundle) == str(tmp_path)
+    assert "crash" in str(info.value) and "boom" in str(info.value)
+    files = set(os.listdir(bundle))
+    assert {
+        "input_model.pt",
+        "before_pass.pt",
+        "inputs.pt",
+        "pipeline.txt",
+        "versions.json",
+        "traceback.txt",
+        "README.txt",
+    } <= files
+    assert open(os.path.join(bundle, "pipeline.txt")).read().strip() == "cleanup,crash"
+    assert json.load(open(os.path.join(bundle, "versions.json")))["torch"] == torch.__version__
+    # the saved models reproduce the original behaviour
+    saved = torch.load(os.path.join(bundle, "before_pass.pt"), weights_only=False)
+    inputs = torch.load(os.path.join(bundle, "inputs.pt"))
+    torch.testing.assert_close(saved(*inputs), block(*inputs))
+    assert "ZeroDivisionError" in open(os.path.join(bundle, "traceback.txt")).read()
+
+
+def test_print_after_and_time_passes(registry, block, block_input):
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    PassManager(
+        "cleanup,halve",
+        registry=registry,
+        print_after=["cleanup"],
+        time_passes=True,
+        console=console,
+    ).run(GraphIR.trace(block, block_input))
+    text = console.export_text()
+    assert "after cleanup" in text and "def forward" in text
+    assert "time per pass" in text and "halve" in text
+    assert "after halve" not in text
+
+
+def test_training_mode_model_is_probed_in_eval_and_left_in_training(registry, block, block_input):
+    model = copy.deepcopy(block).train()
+    result = PassManager("halve(factor=1.0)", registry=registry).run(
+        GraphIR.trace(model, block_input)
+    )
+    assert result.ledger[-1].rel_err == 0.0  # dropout would make it random if run in training
+    assert model.training and result.ir.gm.training
