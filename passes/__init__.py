@@ -7,10 +7,11 @@ from typing import Any
 from graphopt import hookimpl
 
 from .cleanup import Cleanup
+from .depthwise import Depthwise
 
-BUILTIN_PASSES = (Cleanup,)
+BUILTIN_PASSES = (Cleanup, Depthwise)
 
-__all__ = ["BUILTIN_PASSES", "Cleanup"]
+__all__ = ["BUILTIN_PASSES", "Cleanup", "Depthwise"]
 
 
 @hookimpl

@@ -1,4 +1,4 @@
-"""Shared fixtures: small real models with the structures every pass must handle, and CLI runners."""
+"""Shared fixtures: real models with the structures every pass must handle; CLI runners."""
 
 from __future__ import annotations
 

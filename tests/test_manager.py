@@ -6,6 +6,7 @@ import copy
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,13 +131,14 @@ def test_crash_writes_a_reproducer(registry, block, block_input, tmp_path):
         "traceback.txt",
         "README.txt",
     } <= files
-    assert open(os.path.join(bundle, "pipeline.txt")).read().strip() == "cleanup,crash"
-    assert json.load(open(os.path.join(bundle, "versions.json")))["torch"] == torch.__version__
+    read = lambda name: Path(bundle, name).read_text()  # noqa: E731
+    assert read("pipeline.txt").strip() == "cleanup,crash"
+    assert json.loads(read("versions.json"))["torch"] == torch.__version__
     # the saved models reproduce the original behaviour
     saved = torch.load(os.path.join(bundle, "before_pass.pt"), weights_only=False)
     inputs = torch.load(os.path.join(bundle, "inputs.pt"))
     torch.testing.assert_close(saved(*inputs), block(*inputs))
-    assert "ZeroDivisionError" in open(os.path.join(bundle, "traceback.txt")).read()
+    assert "ZeroDivisionError" in read("traceback.txt")
 
 
 def test_print_after_and_time_passes(registry, block, block_input):
