@@ -7,11 +7,10 @@ from typing import Any
 from graphopt import hookimpl
 
 from .cleanup import Cleanup
-from .depthwise import Depthwise
 
-BUILTIN_PASSES = (Cleanup, Depthwise)
+BUILTIN_PASSES = (Cleanup,)
 
-__all__ = ["BUILTIN_PASSES", "Cleanup", "Depthwise"]
+__all__ = ["BUILTIN_PASSES", "Cleanup"]
 
 
 @hookimpl
