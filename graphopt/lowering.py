@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import textwrap
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,7 +157,7 @@ def _write_folder(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: 
         f"self.{name}" if name in lifted else f"flat_inputs[{sig.user_inputs.index(name)}]"
         for name in arg_list
     )
-    body = code.src.replace("def forward(self,", "def _graph(self,", 1)
+    body = textwrap.indent(code.src.replace("def forward(self,", "def _graph(self,", 1), "    ")
     out_spec = pytree.treespec_dumps(program.call_spec.out_spec)
     in_spec = pytree.treespec_dumps(program.call_spec.in_spec)
     title = f"{meta.get('source') or 'model'} optimised by graphopt {meta.get('graphopt', '')}"
@@ -339,11 +340,22 @@ def check_output(out: str, exporters: dict[str, Exporter]) -> Exporter:
     existing = parent
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    if not _can_create_in(existing):
         raise GraphoptError(
             f"cannot write '{out}': '{existing}' is not a writable directory; choose another -o"
         )
     return exporter
+
+
+def _can_create_in(folder: str) -> bool:
+    """Whether files can really be made in ``folder`` (access() says yes to root on /proc)."""
+    if not os.path.isdir(folder):
+        return False
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".graphopt-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 def lower(

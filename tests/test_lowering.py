@@ -1,0 +1,154 @@
+"""Lowering: every format is written atomically, reloaded and checked; failures leave nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torchvision
+
+import graphopt
+from graphopt import GraphIR, PassManager
+from graphopt.lowering import Exporter, lower, read_metadata
+from graphopt.plugins import get_registry
+
+EXPORTERS = get_registry().exporters
+
+
+@pytest.fixture(scope="module")
+def optimised():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    ir = GraphIR.trace(model, (torch.randn(2, 3, 32, 32),), source="resnet18")
+    return PassManager("cleanup").run(ir)
+
+
+@pytest.mark.parametrize("out", ["model.pt2", "model.pt", "model.onnx", "folder"])
+def test_each_format_round_trips_with_metadata(optimised, tmp_path, out):
+    path = str(tmp_path / out)
+    check = lower(
+        optimised.ir.gm, optimised.ir.example_inputs, path, optimised.metadata(), EXPORTERS
+    )
+    assert check["rel_err"] <= (1e-4 if out.endswith(".onnx") else 1e-6)
+    meta = read_metadata(path, EXPORTERS)
+    assert meta["pipeline"] == "cleanup" and meta["torch"] == torch.__version__
+    assert [e["step"] for e in meta["ledger"]] == ["(input)", "cleanup"]
+    leftovers = [n for n in os.listdir(tmp_path) if n.startswith(".graphopt-")]
+    assert leftovers == []
+
+
+def test_folder_is_readable_python_loadable_without_graphopt(optimised, tmp_path):
+    folder = tmp_path / "artifact"
+    lower(
+        optimised.ir.gm, optimised.ir.example_inputs, str(folder), optimised.metadata(), EXPORTERS
+    )
+    source = (folder / "model.py").read_text()
+    assert "class OptimisedModel(torch.nn.Module)" in source
+    assert "torch.ops.aten.conv2d" in source and "graphopt" not in source.split('"""')[2]
+    x = optimised.ir.example_inputs[0]
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(optimised.ir.gm(x), tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, sys, torch
+        sys.modules["graphopt"] = None  # any import of graphopt now fails
+        spec = importlib.util.spec_from_file_location(
+            "artifact", {str(folder / "__init__.py")!r},
+            submodule_search_locations=[{str(folder)!r}])
+        module = importlib.util.module_from_spec(spec); sys.modules["artifact"] = module
+        spec.loader.exec_module(module)
+        model = module.OptimisedModel()
+        got = model(torch.load({str(tmp_path / "x.pt")!r}))
+        torch.testing.assert_close(got, torch.load({str(tmp_path / "expected.pt")!r}))
+        print("ok")
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_onnx_runs_in_onnxruntime_and_passes_the_checker(optimised, tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    path = str(tmp_path / "m.onnx")
+    lower(optimised.ir.gm, optimised.ir.example_inputs, path, optimised.metadata(), EXPORTERS)
+    onnx.checker.check_model(path, full_check=True)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x = optimised.ir.example_inputs[0]
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(got, optimised.ir.gm(x).detach().numpy(), rtol=1e-3, atol=1e-4)
+
+
+def _broken(kind):
+    def write(gm, inputs, path, meta):
+        with open(path, "w") as f:
+            f.write("half-written")
+        if kind == "raise":
+            raise OSError("disk full")
+
+    def load(path):
+        if kind == "garbage":
+            return lambda *a: torch.zeros(2, 10)  # wrong numbers: verification must catch it
+        raise ValueError("unreadable")
+
+    return Exporter(kind, (".bad",), write, load, lambda p: None)
+
+
+@pytest.mark.parametrize("kind", ["raise", "garbage", "unloadable"])
+def test_failed_write_or_check_leaves_nothing(optimised, tmp_path, kind):
+    target = tmp_path / "model.bad"
+    with pytest.raises(graphopt.GraphoptError) as info:
+        lower(optimised.ir.gm, optimised.ir.example_inputs, str(target), {}, {"bad": _broken(kind)})
+    assert "\n" not in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_output_is_replaced_only_after_success(optimised, tmp_path):
+    target = tmp_path / "model.bad"
+    target.write_text("previous good artifact")
+    with pytest.raises(graphopt.GraphoptError):
+        lower(
+            optimised.ir.gm,
+            optimised.ir.example_inputs,
+            str(target),
+            {},
+            {"bad": _broken("garbage")},
+        )
+    assert target.read_text() == "previous good artifact"
+
+
+def test_unwritable_and_unknown_outputs_fail_before_work(tmp_path):
+    from graphopt.lowering import check_output
+
+    with pytest.raises(graphopt.GraphoptError, match="no output format"):
+        check_output(str(tmp_path / "model.xyz"), EXPORTERS)
+
+
+def test_unwritable_location_even_for_root():
+    from graphopt.lowering import check_output
+
+    with pytest.raises(graphopt.GraphoptError, match="not a writable directory|cannot write"):
+        check_output("/proc/graphopt-test/m.pt2", EXPORTERS)
+
+
+def test_foreign_directory_is_not_overwritten(tmp_path):
+    from graphopt.lowering import check_output
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_text("meow")
+    with pytest.raises(graphopt.GraphoptError, match="not written by graphopt"):
+        check_output(str(tmp_path / "photos"), EXPORTERS)
+
+
+def test_report_metadata_is_json(optimised):
+    json.dumps(optimised.metadata())
