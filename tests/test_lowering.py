@@ -137,7 +137,7 @@ def test_unwritable_and_unknown_outputs_fail_before_work(tmp_path):
 def test_unwritable_location_even_for_root():
     from graphopt.lowering import check_output
 
-    with pytest.raises(graphopt.GraphoptError, match="not a writable directory|cannot write"):
+    with pytest.raises(graphopt.GraphoptError, match=r"not a writable directory|cannot write"):
         check_output("/proc/graphopt-test/m.pt2", EXPORTERS)
 
 
