@@ -152,7 +152,8 @@ def load_model(spec: str, *, weights: str | None = None, trust_pickle: bool = Fa
         )
     if weights is not None:
         _apply_weights(loaded.module, weights)
-    loaded.module.eval()
+    for m in loaded.module.modules():  # not .eval(): exported programs refuse it
+        m.training = False
     return loaded
 
 

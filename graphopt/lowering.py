@@ -62,7 +62,8 @@ def _strip(gm: fx.GraphModule) -> fx.GraphModule:
     clone = copy.deepcopy(gm)
     for node in clone.graph.nodes:
         node.meta.pop("val", None)
-    clone.eval()
+    for m in clone.modules():  # not .eval(): exported programs refuse it
+        m.training = False
     return clone
 
 

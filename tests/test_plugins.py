@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import run_graphopt
 
+from graphopt import GraphoptError
 from graphopt.plugins import load_registry
 
 
@@ -101,7 +102,7 @@ def test_broken_plugin_warns_and_the_rest_loads(site):
 def test_duplicate_pass_names_name_both_plugins(site):
     _make_dist(site, "alpha", GOOD.replace("{tag}", "x"))
     _make_dist(site, "beta", GOOD.replace("{tag}", "x"))
-    with pytest.raises(Exception, match="registered by both plugin '(alpha|beta)' and plugin"):
+    with pytest.raises(GraphoptError, match=r"registered by both plugin '(alpha|beta)' and plugin"):
         load_registry()
     reg = load_registry(disabled=["beta"])
     assert reg.pass_owner["negate-x"] == "alpha"
