@@ -7,10 +7,11 @@ from typing import Any
 from graphopt import hookimpl
 
 from .cleanup import Cleanup
+from .fold import Fold
 
-BUILTIN_PASSES = (Cleanup,)
+BUILTIN_PASSES = (Cleanup, Fold)
 
-__all__ = ["BUILTIN_PASSES", "Cleanup"]
+__all__ = ["BUILTIN_PASSES", "Cleanup", "Fold"]
 
 
 @hookimpl
