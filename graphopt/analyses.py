@@ -32,6 +32,7 @@ class _FakeCostInterpreter(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=True)
         self.mode = mode
         self.counter = counter
+        self.failure: tuple[fx.Node, Exception] | None = None
 
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()
@@ -48,6 +49,7 @@ class _FakeCostInterpreter(fx.Interpreter):
         return result
 
     def describe_failure(self) -> str:
+        assert self.failure is not None
         node, exc = self.failure
         kind = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
         if node.op == "call_module":
@@ -70,7 +72,6 @@ def propagate_shapes(ir: GraphIR) -> None:
         )
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         interpreter = _FakeCostInterpreter(ir.gm, mode, counter)
-        interpreter.failure = None
         try:
             interpreter.run(*inputs)
         except Exception:

@@ -23,7 +23,8 @@ out = Console()
 err = Console(stderr=True)
 
 
-def _disabled(ctx: typer.Context | None) -> list[str]:
+def _disabled(ctx: Any) -> list[str]:
+    """Plugins disabled with -p no:NAME, read from the root command's parameters."""
     while ctx is not None and ctx.parent is not None:
         ctx = ctx.parent
     values = (ctx.params.get("plugin") or []) if ctx is not None else []
@@ -42,16 +43,16 @@ def _registry(ctx: typer.Context) -> Registry:
 class _Group(TyperGroup):
     """Adds the subcommands that plugins contribute beside graphopt's own."""
 
-    def _plugin_commands(self, ctx: typer.Context) -> dict[str, Any]:
+    def _plugin_commands(self, ctx: Any) -> dict[str, Any]:
         plugin_app = _registry(ctx).cli_app()
         if not plugin_app.registered_commands:
             return {}
         return dict(typer.main.get_group(plugin_app).commands)
 
-    def list_commands(self, ctx: typer.Context) -> list[str]:
+    def list_commands(self, ctx: Any) -> list[str]:
         return [*super().list_commands(ctx), *self._plugin_commands(ctx)]
 
-    def get_command(self, ctx: typer.Context, cmd_name: str) -> Any:
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
         return super().get_command(ctx, cmd_name) or self._plugin_commands(ctx).get(cmd_name)
 
 

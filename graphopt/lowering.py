@@ -100,7 +100,8 @@ def _meta_pt2(path: str) -> dict[str, Any] | None:
 
 def _write_pt(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: dict) -> None:
     clone = _strip(gm)
-    clone.graphopt_metadata = meta
+    # A plain attribute survives pickling (GraphModule.meta does not).
+    clone.__dict__["graphopt_metadata"] = meta
     torch.save(clone, path)
 
 
@@ -241,6 +242,7 @@ def _write_onnx(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: di
 
     try:
         program = torch.onnx.export(_strip(gm), inputs, dynamo=True, verbose=False)
+        assert program is not None
         model = program.model_proto
     except Exception as exc:
         raise GraphoptError(

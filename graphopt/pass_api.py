@@ -140,7 +140,8 @@ class Pass:
         hints = typing.get_type_hints(cls.Options)
         specs = []
         for f in dataclasses.fields(cls.Options):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            factory: Any = f.default_factory
+            default = f.default if f.default is not dataclasses.MISSING else factory()
             specs.append(OptionSpec(f.name, hints[f.name], default, f.metadata.get("help", "")))
         return specs
 

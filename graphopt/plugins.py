@@ -76,7 +76,8 @@ class Registry:
                 before = len(app.registered_commands)
                 impl.function(app=app)
                 for command in app.registered_commands[before:]:
-                    name = command.name or command.callback.__name__.replace("_", "-")
+                    callback_name = getattr(command.callback, "__name__", "command")
+                    name = command.name or callback_name.replace("_", "-")
                     self.plugins[impl.plugin_name].commands.append(name)
             self._cli_app = app
         return self._cli_app
