@@ -19,8 +19,14 @@ from .plugins import Registry, get_registry
 
 __all__ = ["app", "main"]
 
-out = Console()
-err = Console(stderr=True)
+#: width for output that is not a terminal (a file, a pipe, a test): wide, so tables stay whole
+PIPE_WIDTH = 200
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console for this call; when not writing to a terminal, wide rather than cut at 80."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else PIPE_WIDTH)
 
 
 def _disabled(ctx: Any) -> list[str]:
@@ -70,7 +76,7 @@ def _version(value: bool) -> None:
     if value:
         import torch
 
-        out.print(f"graphopt {__version__} (torch {torch.__version__})")
+        _console().print(f"graphopt {__version__} (torch {torch.__version__})")
         raise typer.Exit()
 
 
@@ -203,7 +209,7 @@ def optimize(
         registry=registry,
         print_after=print_after or [],
         time_passes=time_passes,
-        console=err,
+        console=_console(stderr=True),
     )
     exporter = check_output(output, registry.exporters)
     if report_json:
@@ -227,18 +233,18 @@ def optimize(
             result.ir.gm, result.ir.example_inputs, output, result.metadata(), registry.exporters
         )
         progress.update(task, advance=1, description="done")
-    out.print(ledger_table(result.ledger, title=f"{ir.source} → {output}"))
+    _console().print(ledger_table(result.ledger, title=f"{ir.source} → {output}"))
     for entry in result.ledger[1:]:
         for note in entry.notes:
-            out.print(f"  [bold]{entry.step}[/]: {note}")
+            _console().print(f"  [bold]{entry.step}[/]: {note}")
         if entry.stats:
             stats = ", ".join(f"{k}: {v:g}" for k, v in entry.stats.items())
-            out.print(f"  [bold]{entry.step}[/]: {stats}")
-    out.print(
+            _console().print(f"  [bold]{entry.step}[/]: {stats}")
+    _console().print(
         f"wrote {output} ({check['format']}); reloaded and checked: relative error "
         f"{check['rel_err']:.1e} against the in-memory model"
     )
-    out.print(f"pipeline: {result.pipeline}")
+    _console().print(f"pipeline: {result.pipeline}")
     if report_json:
         report = {**result.metadata(), "output": output, "check": check}
         write_text_atomic(report_json, json.dumps(report, indent=2))
@@ -256,9 +262,9 @@ def _progress() -> Progress:
         TextColumn("{task.description}"),
         BarColumn(),
         TimeElapsedColumn(),
-        console=err,
+        console=_console(stderr=True),
         transient=True,
-        disable=not err.is_terminal,
+        disable=not sys.stderr.isatty(),
     )
 
 
@@ -289,7 +295,7 @@ def inspect(
             with open(output, "w") as f:
                 Console(file=f, width=160).print(ir.summary())
         else:
-            out.print(ir.summary())
+            _console().print(ir.summary())
         return
     if format == "json":
         text = json.dumps(
@@ -364,7 +370,7 @@ def list_passes(
             registry.pass_owner[cls.name],
             "\n".join(lines),
         )
-    out.print(table)
+    _console().print(table)
 
 
 def _fmt(value: Any) -> str:
@@ -412,7 +418,7 @@ def plugins(ctx: typer.Context) -> None:
             ", ".join(info.commands),
             f"[red]failed: {info.error}[/]" if info.error else "loaded",
         )
-    out.print(table)
+    _console().print(table)
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -426,12 +432,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv)
     except (GraphoptError, PassCrash) as exc:
-        err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        _console(stderr=True).print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except Exception as exc:
         if os.environ.get("GRAPHOPT_DEBUG"):
             raise
-        err.print(
+        _console(stderr=True).print(
             f"internal error: {type(exc).__name__}: {first_line(exc)} (this is a graphopt bug; "
             "rerun with GRAPHOPT_DEBUG=1 for the traceback and report it)",
             highlight=False,
