@@ -60,6 +60,36 @@ class _FakeCostInterpreter(fx.Interpreter):
         )
 
 
+def _attention_macs(query: Any, key: Any) -> int:
+    """MACs of multi-head attention with input/output projections, from the input shapes."""
+    batch, length, embed = (1, *query) if len(query) == 2 else query
+    source = key[-2]
+    projections = length * embed * embed * 2 + source * embed * embed * 2  # q, out; k, v
+    scores_and_values = 2 * length * source * embed
+    return batch * (projections + scores_and_values)
+
+
+def _fused_mha_flops(query: Any, key: Any, *args: Any, **kwargs: Any) -> int:
+    # aten._native_multi_head_attention: nn.MultiheadAttention's inference fast path
+    return 2 * _attention_macs(query, key)
+
+
+def _fused_encoder_layer_flops(src: Any, *args: Any, **kwargs: Any) -> int:
+    # aten._transformer_encoder_layer_fwd: nn.TransformerEncoderLayer's inference fast path;
+    # positional args 14 and 16 are the two feed-forward weights (F×E and E×F).
+    tokens = src[0] * src[1] if len(src) == 3 else src[0]
+    ffn = tokens * (args[13][0] * args[13][1] + args[15][0] * args[15][1])
+    return 2 * (_attention_macs(src, src) + ffn)
+
+
+#: FLOP formulas for fused ops torch's counter does not know (the fast paths that
+#: nn.MultiheadAttention and nn.TransformerEncoderLayer take in eval mode without grad)
+FUSED_FLOPS = {
+    torch.ops.aten._native_multi_head_attention: _fused_mha_flops,
+    torch.ops.aten._transformer_encoder_layer_fwd: _fused_encoder_layer_flops,
+}
+
+
 def propagate_shapes(ir: GraphIR) -> None:
     """Fill ``node.meta["val"]`` and MAC counts for every node of ``ir``."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -70,7 +100,7 @@ def propagate_shapes(ir: GraphIR) -> None:
             f"the model takes {n_placeholders} input(s) but {len(inputs)} example input(s) were "
             "given; give one --input-shape per input"
         )
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=FUSED_FLOPS) as counter:
         interpreter = _FakeCostInterpreter(ir.gm, mode, counter)
         try:
             interpreter.run(*inputs)

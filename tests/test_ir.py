@@ -36,7 +36,12 @@ def test_shapes_come_from_fake_tensors_and_match_real_run(block, block_input):
 
 @pytest.mark.parametrize(
     ("name", "gmacs", "mparams"),
-    [("resnet18", 1.814, 11.690), ("resnet50", 4.089, 25.557), ("mobilenet_v2", 0.301, 3.505)],
+    [
+        ("resnet18", 1.814, 11.690),
+        ("resnet50", 4.089, 25.557),
+        ("mobilenet_v2", 0.301, 3.505),
+        ("vit_b_16", 17.564, 86.568),  # attention takes torch's fused fast path in eval
+    ],
 )
 def test_macs_and_params_match_published_figures(name, gmacs, mparams):
     ir = graphopt.load(f"torchvision:{name}")
@@ -65,6 +70,20 @@ def test_macs_count_functional_calls_and_attention():
     # in-proj 3·L·E², scores and values 2·L²·E, out-proj L·E²  (L=5, E=16)
     assert costs[attn.name].macs == 3 * 5 * 16 * 16 + 2 * 5 * 5 * 16 + 5 * 16 * 16
     assert costs["w"].params == 32 * 16  # the get_attr node owns the functional weight
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_attention_macs_on_both_paths(training):
+    """nn.MultiheadAttention and TransformerEncoderLayer run fused kernels in eval mode."""
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, batch_first=True)
+    for p in layer.parameters():
+        p.requires_grad_(training)
+    layer.train(training)
+    model = nn.Sequential(layer).train(training)
+    ir = GraphIR.trace(model, (torch.randn(3, 5, 16),), leaf_modules=["TransformerEncoderLayer"])
+    attention = 3 * (4 * 5 * 16 * 16 + 2 * 5 * 5 * 16)
+    feed_forward = 3 * 5 * (16 * 24 * 2)
+    assert ir.total_macs() == attention + feed_forward
 
 
 def test_shared_module_params_are_counted_once(block, block_input):
