@@ -326,15 +326,7 @@ class GraphIR:
         rows = self.rows()
         shown = rows if limit is None else rows[:limit]
         for r in shown:
-            table.add_row(
-                r["name"],
-                r["op"],
-                r["module"] or str(r["target"]),
-                "×".join(map(str, r["shape"])) if r["shape"] is not None else "",
-                r["dtype"] or "",
-                f"{r['params']:,}" if r["params"] else "",
-                f"{r['macs']:,}" if r["macs"] else "",
-            )
+            table.add_row(*_cells(r))
         if len(shown) < len(rows):
             table.add_row(f"… {len(rows) - len(shown)} more", "", "", "", "", "", "")
         table.caption = (
@@ -358,18 +350,7 @@ class GraphIR:
         )
         body = []
         for r in rows:
-            cells = [
-                r["name"],
-                r["op"],
-                r["module"] or str(r["target"]),
-                "×".join(map(str, r["shape"])) if r["shape"] is not None else "",
-                r["dtype"] or "",
-                f"{r['params']:,}" if r["params"] else "",
-                f"{r['macs']:,}" if r["macs"] else "",
-            ]
-            body.append(
-                "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
-            )
+            body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(r)) + "</tr>")
         caption = html.escape(
             f"{self.source or type(self.gm).__name__}: {len(rows)} nodes, "
             f"{self.total_params():,} params, {self.total_macs():,} MACs"
@@ -378,6 +359,19 @@ class GraphIR:
             f"<table><caption>{caption}</caption><thead><tr>{head}</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table>"
         )
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    """One node's row as the text the table and HTML views show."""
+    return [
+        row["name"],
+        row["op"],
+        row["module"] or str(row["target"]),
+        "×".join(map(str, row["shape"])) if row["shape"] is not None else "",
+        row["dtype"] or "",
+        f"{row['params']:,}" if row["params"] else "",
+        f"{row['macs']:,}" if row["macs"] else "",
+    ]
 
 
 def _callable_name(target: Any) -> str:

@@ -35,6 +35,7 @@ GOOD = """
         name = "negate-{tag}"
         summary = "Multiply the output by -1 (lossy, for plugin tests)."
         exact = False
+        after = ("cleanup",)
 
         def run(self, ir, ctx):
             out = next(n for n in ir.graph.nodes if n.op == "output")
@@ -149,3 +150,14 @@ def test_plugin_pass_and_command_from_the_cli(site, tmp_path):
     )
     assert disabled.code == 2 and "unknown pass 'negate-a'" in disabled.stderr
     assert not (tmp_path / "n.pt").exists()
+    misordered = run_graphopt(
+        "optimize",
+        "torchvision:resnet18",
+        "--passes",
+        "negate-a,cleanup",
+        "-o",
+        str(tmp_path / "n.pt"),
+        env=env,
+    )
+    assert misordered.code == 2 and "must run after 'cleanup'" in misordered.stderr
+    assert len(misordered.stderr.strip().splitlines()) == 1 and not (tmp_path / "n.pt").exists()
