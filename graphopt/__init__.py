@@ -105,15 +105,27 @@ def load(
 
 
 def optimize(
-    model: nn.Module | GraphIR,
+    model: nn.Module | GraphIR | str,
     pipeline: str,
     *,
     example_inputs: Sequence[Any] | None = None,
     data: Any = None,
     output: str | None = None,
 ) -> Result:
-    """Run a pipeline on a model (never mutated) and optionally lower the result to ``output``."""
-    if isinstance(model, GraphIR):
+    """Run a pipeline on a model (never mutated) and optionally lower the result to ``output``.
+
+    ``model`` is a module (with ``example_inputs``), a traced :class:`GraphIR`, or a MODEL
+    spec string as the CLI takes it (``"torchvision:resnet18"``, ``"model.pt2"`` …).
+    """
+    if isinstance(model, str):
+        if example_inputs is None:
+            ir = load(model)
+        else:
+            from .loading import load_model
+
+            loaded = load_model(model)
+            ir = GraphIR.trace(loaded.module, example_inputs, source=loaded.source)
+    elif isinstance(model, GraphIR):
         ir = model
     else:
         if example_inputs is None:

@@ -211,3 +211,6 @@ def _free_attr(gm: fx.GraphModule, base: str) -> str:
         i += 1
         name = f"{base}_{i}"
     return name
+
+
+PASSES = (Cleanup,)

@@ -741,3 +741,6 @@ def _drop_attr(ir: GraphIR, target: str) -> None:
     owner = _fetch(ir.gm, owner_path) if owner_path else ir.gm
     if hasattr(owner, name):
         delattr(owner, name)
+
+
+PASSES = (Fold,)

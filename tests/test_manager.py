@@ -165,3 +165,13 @@ def test_training_mode_model_is_probed_in_eval_and_left_in_training(registry, bl
     )
     assert result.ledger[-1].rel_err == 0.0  # dropout would make it random if run in training
     assert model.training and result.ir.gm.training
+
+
+def test_optimize_accepts_a_model_spec_like_the_cli():
+    result = graphopt.optimize("torchvision:mobilenet_v3_small", "cleanup,fold")
+    assert result.ir.example_inputs[0].shape == (1, 3, 224, 224)
+    assert not result.ir.nodes(module_type=torch.nn.BatchNorm2d)
+    given = (torch.randn(2, 3, 20, 20),)
+    result = graphopt.optimize("models_for_cli:small_cnn", "fold", example_inputs=given)
+    assert result.ir.example_inputs[0].shape == (2, 3, 20, 20)
+    assert not result.ir.nodes(module_type=torch.nn.BatchNorm2d)
