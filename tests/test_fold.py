@@ -464,3 +464,17 @@ def test_run_directly_rewrites_the_ir_it_is_given():
     Fold().run(ir, ctx)
     ir.recompile()
     assert ctx.stats == {"BN folded": 1} and rel_err(ir.gm, model, x) <= 1e-6
+
+
+def test_block_with_every_structure_folds_exactly(block, block_input):
+    """Residual add, split, concat, a shared conv, grouped/depthwise convs and attention: the
+    stem's BatchNorm folds, nothing else changes, and outputs agree to rounding."""
+    before = copy.deepcopy(block.state_dict())
+    ir = GraphIR.trace(block, block_input)
+    result = PassManager("cleanup,fold", reproducer=False).run(ir)
+    assert not result.ir.nodes(module_type=BN)
+    assert result.ledger[-1].stats == {"BN folded": 1}
+    with torch.no_grad():
+        torch.testing.assert_close(result.ir.gm(*block_input), block(*block_input))
+    for key, value in block.state_dict().items():  # the caller's model is untouched
+        assert torch.equal(value, before[key]), key
