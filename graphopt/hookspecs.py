@@ -33,6 +33,13 @@ def graphopt_register_exporters(register: Any) -> None:
 
 
 @hookspec
+def graphopt_register_prune_criteria(register: Any) -> None:
+    """Contribute channel-importance criteria to the ``prune`` pass: call
+    ``register(name, function)``; ``function(CriterionInput)`` returns a ``Saliency``
+    (see ``graphopt.passes.prune.importance``). Users pick it with ``prune(criterion=name)``."""
+
+
+@hookspec
 def graphopt_register_commands(app: Any) -> None:
     """Contribute CLI subcommands: decorate functions with ``@app.command()`` on the given
     ``typer.Typer``; they appear beside graphopt's own commands."""

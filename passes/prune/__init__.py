@@ -1,0 +1,254 @@
+"""``prune``: structural channel pruning with dependency propagation.
+
+The channel-dependency analysis (:mod:`.deps`) finds which channels of which tensors must
+go together; a criterion (:mod:`.importance`) scores them; a ratio or a MACs/params target
+(:mod:`.plan`) chooses what goes; :mod:`.pruner` slices the parameters and rewrites the
+graph, so the result is a smaller model, not a mask.
+
+>>> import torch, graphopt
+>>> model = torch.nn.Sequential(
+...     torch.nn.Conv2d(3, 32, 3), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+...     torch.nn.Conv2d(32, 16, 3)).eval()
+>>> x = torch.randn(1, 3, 16, 16)
+>>> result = graphopt.optimize(model, "prune(ratio=0.5)", example_inputs=(x,))
+>>> result.ir.gm.get_submodule("0").out_channels
+16
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+import graphopt
+from graphopt import GraphIR, GraphoptError, PassContext
+
+from .deps import ChannelGraph, analyse
+from .importance import criteria, register_criterion, scorer
+from .plan import Estimator, Selector
+from .pruner import ResizeFailed, apply_removal
+
+__all__ = ["ChannelGraph", "Prune", "analyse", "criteria", "prune_once", "register_criterion"]
+
+#: how many nodes may be frozen after a failed resize before the pass gives up
+MAX_RETRIES = 25
+#: relative MACs/params tolerance of the bisection, before measuring the real model
+_TOL = 0.005
+
+
+@dataclass
+class PruneResult:
+    """What one pruning step did."""
+
+    ir: GraphIR
+    ratio: float
+    removed_atoms: int
+    total_atoms: int
+    notes: list[str]
+
+
+def prune_once(
+    ir: GraphIR,
+    *,
+    ratio: float = 0.5,
+    target: float | None = None,
+    metric: str = "macs",
+    criterion: str = "l1",
+    global_rank: bool = False,
+    max_layer_ratio: float = 0.9,
+    round_to: int = 8,
+    ignore: list[str] | tuple[str, ...] = (),
+    data: object = None,
+    seed: int = 0,
+) -> PruneResult:
+    """Prune ``ir`` once and return the pruned copy (``ir`` itself is left untouched)."""
+    g = analyse(ir, ignore)
+    notes: list[str] = []
+    assert g.prunable is not None
+    if not g.prunable.any():
+        why = g.frozen_report()
+        raise GraphoptError(
+            "nothing in this model can be pruned"
+            + (f" ({why[0]})" if why else " (it has no convolution, linear or embedding layer)")
+            + "; see the prune docs for supported patterns"
+        )
+    score = scorer(g, criterion, data, seed)
+    reference = Estimator(ir, g)
+    goal = None
+    if target is not None:
+        goal = target * (reference.macs0 if metric == "macs" else reference.params0)
+    for _ in range(MAX_RETRIES):
+        sel = Selector(
+            g, score(g), round_to=round_to, max_layer_ratio=max_layer_ratio,
+            global_rank=global_rank,
+        )  # fmt: skip
+        est = Estimator(ir, g)
+        chosen = ratio if goal is None else _search(sel, est, metric, goal)
+        removed = sel.removal(chosen)
+        work = ir.copy()
+        try:
+            apply_removal(work, g, removed)
+        except ResizeFailed as exc:
+            node = next(n for n in ir.graph.nodes if n.name == exc.node.name)
+            g.freeze_node(node, f"no longer fits after resizing ({_short(exc.cause)})")
+            g.solve()
+            continue
+        if goal is not None:
+            chosen, removed, work = _correct(ir, g, sel, est, metric, goal, chosen, work)
+        notes.extend(g.frozen_report())
+        return PruneResult(work, chosen, int(removed.sum()), sel.n_atoms, notes)
+    raise GraphoptError(
+        f"pruning kept breaking the model after freezing {MAX_RETRIES} nodes; exclude the "
+        "failing layers with ignore=[...]"
+    )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]
+
+
+def _measure(est: Estimator, metric: str, removed: np.ndarray) -> float:
+    return est.macs(removed) if metric == "macs" else est.params(removed)
+
+
+def _search(sel: Selector, est: Estimator, metric: str, goal: float) -> float:
+    """The smallest ratio whose estimated MACs/params are at or below ``goal``."""
+    hi = 1.0
+    if _measure(est, metric, sel.removal(hi)) > goal * (1 + _TOL):
+        reach = _measure(est, metric, sel.removal(hi))
+        base = est.macs0 if metric == "macs" else est.params0
+        raise GraphoptError(
+            f"the {metric} target {goal / base:.3g} cannot be reached: the prunable layers "
+            f"allow at most {reach / base:.3g} of the original; raise max_layer_ratio or "
+            "lower the target"
+        )
+    lo = 0.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if _measure(est, metric, sel.removal(mid)) > goal:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-4:
+            break
+    return hi
+
+
+def _correct(
+    ir: GraphIR,
+    g: ChannelGraph,
+    sel: Selector,
+    est: Estimator,
+    metric: str,
+    goal: float,
+    chosen: float,
+    work: GraphIR,
+) -> tuple[float, np.ndarray, GraphIR]:
+    """Measure the real model and adjust the estimate's goal when they disagree."""
+    removed = sel.removal(chosen)
+    base = est.macs0 if metric == "macs" else est.params0
+    for _ in range(3):
+        real = work.total_macs() if metric == "macs" else work.total_params()
+        if abs(real - goal) <= 0.01 * base:
+            break
+        # the estimate is off by a factor; aim the estimate at the corrected goal
+        estimated = _measure(est, metric, removed)
+        corrected = goal * estimated / real if real else goal
+        try:
+            ratio = _search(sel, est, metric, corrected)
+        except GraphoptError:
+            break
+        candidate = sel.removal(ratio)
+        trial = ir.copy()
+        try:
+            apply_removal(trial, g, candidate)
+        except ResizeFailed:
+            break
+        chosen, removed, work = ratio, candidate, trial
+    return chosen, removed, work
+
+
+class Prune(graphopt.Pass):
+    name = "prune"
+    summary = "Remove whole channels (conv filters, linear units, heads) with their dependants."
+    exact = False
+    after = ("cleanup",)
+
+    @dataclass
+    class Options:
+        ratio: float = graphopt.option(
+            0.5, "fraction of each coupled group's channels to remove", check=lambda v: 0 <= v < 1
+        )
+        target: float | None = graphopt.option(
+            None,
+            "fraction of the original MACs (or params, see metric) to keep; overrides ratio",
+            check=lambda v: v is None or 0 < v <= 1,
+            check_msg="a fraction in (0, 1]",
+        )
+        metric: Literal["macs", "params"] = graphopt.option("macs", "what target measures")
+        criterion: str = graphopt.option(
+            "l1", "importance: l1, l2, bn_scale, activation, apoz, taylor, random or a plugin's"
+        )
+        global_rank: bool = graphopt.option(
+            False, "rank channels across all layers instead of removing ratio in each"
+        )
+        max_layer_ratio: float = graphopt.option(
+            0.9, "most any one group may lose", check=lambda v: 0 < v < 1
+        )
+        round_to: int = graphopt.option(
+            8, "keep channel counts multiples of this (8 suits CPU SIMD and GPU tensor cores)",
+            check=lambda v: v >= 1,
+        )  # fmt: skip
+        steps: int = graphopt.option(
+            1, "prune in this many steps, re-scoring in between", check=lambda v: v >= 1
+        )
+        ignore: list[str] = graphopt.option([], "node-name globs whose layers stay whole")
+        seed: int = graphopt.option(0, "seed of the random criterion")
+
+    def run(self, ir: GraphIR, ctx: PassContext) -> None:
+        o = self.options
+        if o.criterion not in criteria():
+            known = ", ".join(sorted(criteria()))
+            raise GraphoptError(f"unknown pruning criterion '{o.criterion}'; choose one of {known}")
+        macs0, params0 = ir.total_macs(), ir.total_params()
+        current = ir
+        for step in range(1, o.steps + 1):
+            kwargs: dict[str, object] = {}
+            if o.target is not None:
+                base = macs0 if o.metric == "macs" else params0
+                now = current.total_macs() if o.metric == "macs" else current.total_params()
+                kwargs["target"] = o.target ** (step / o.steps) * base / max(now, 1)
+            else:
+                kwargs["ratio"] = 1 - (1 - o.ratio) ** (1 / o.steps)
+            result = prune_once(
+                current,
+                metric=o.metric,
+                criterion=o.criterion,
+                global_rank=o.global_rank,
+                max_layer_ratio=o.max_layer_ratio,
+                round_to=o.round_to,
+                ignore=o.ignore,
+                data=ctx.data,
+                seed=o.seed,
+                **kwargs,  # type: ignore[arg-type]
+            )
+            current = result.ir
+            ctx.stat("channel groups removed", result.removed_atoms)
+            if step == o.steps:
+                for line in result.notes[:20]:
+                    ctx.note(line)
+                if len(result.notes) > 20:
+                    ctx.note(f"… and {len(result.notes) - 20} more frozen groups")
+        ir.gm = current.gm
+        ir.invalidate()
+        ctx.stat("MACs kept %", round(100 * ir.total_macs() / max(macs0, 1), 2))
+        ctx.stat("params kept %", round(100 * ir.total_params() / max(params0, 1), 2))
+        if math.isclose(ir.total_macs(), macs0) and o.ratio > 0:
+            ctx.note("nothing was removed: every group is frozen or too small")
+
+
+PASSES = (Prune,)

@@ -1,0 +1,165 @@
+"""Choosing what to remove: per-group ratios, global ranking, MACs/params targets.
+
+Atoms are ranked by score inside their group (or across all groups with ``global_rank``);
+each group keeps at least one atom and loses at most ``max_layer_ratio`` of them, and the
+number it keeps is rounded up to a multiple of ``round_to`` channels. A MACs or params
+target is met by bisection on the ratio, using a fast estimate: each node's MACs scale with
+the kept fraction of its output and of its contracted dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from graphopt import GraphIR
+
+from .deps import ChannelGraph, SpaceKey, _arg, _val
+
+__all__ = ["Estimator", "Selector"]
+
+
+@dataclass
+class _Group:
+    atoms: np.ndarray  # component ids, most important last
+    step: int  # keep a multiple of this many atoms
+
+
+class Selector:
+    """Turns a ratio into a removal mask over components."""
+
+    def __init__(
+        self,
+        g: ChannelGraph,
+        scores: np.ndarray,
+        *,
+        round_to: int,
+        max_layer_ratio: float,
+        global_rank: bool,
+    ) -> None:
+        assert g.prunable is not None and g.group_of is not None and g.comp is not None
+        self.g = g
+        self.ncomp = len(g.prunable)
+        self.scores = scores
+        self.max_layer_ratio = max_layer_ratio
+        self.global_rank = global_rank
+        atoms = np.flatnonzero(g.prunable)
+        mult = np.ones(self.ncomp, dtype=np.int64)
+        for start, size in g.spaces.values():
+            c = g.comp[start : start + size]
+            c = c[g.prunable[c]]
+            if len(c):
+                u, n = np.unique(c, return_counts=True)
+                np.maximum.at(mult, u, n)
+        self.groups: list[_Group] = []
+        gid = g.group_of[atoms]
+        for k in np.unique(gid):
+            members = atoms[gid == k]
+            members = members[np.argsort(scores[members], kind="stable")]
+            width = int(mult[members].max())
+            step = max(1, round_to // width) if round_to > 1 else 1
+            if len(members) < 2 * step:
+                step = 1
+            self.groups.append(_Group(members, step))
+        self.order = atoms[np.argsort(scores[atoms], kind="stable")]
+
+    @property
+    def n_atoms(self) -> int:
+        return sum(len(gr.atoms) for gr in self.groups)
+
+    def _count(self, gr: _Group, k: int) -> int:
+        n = len(gr.atoms)
+        keep = n - k
+        keep = min(n, -(-keep // gr.step) * gr.step)
+        floor = max(1, n - int(self.max_layer_ratio * n))
+        return n - max(keep, floor)
+
+    def removal(self, ratio: float) -> np.ndarray:
+        removed = np.zeros(self.ncomp, dtype=bool)
+        if self.global_rank:
+            cut = self.order[: int(ratio * len(self.order))]
+            chosen = np.zeros(self.ncomp, dtype=bool)
+            chosen[cut] = True
+        for gr in self.groups:
+            n = len(gr.atoms)
+            k = int(chosen[gr.atoms].sum()) if self.global_rank else int(ratio * n)
+            k = self._count(gr, k)
+            removed[gr.atoms[:k]] = True
+        return removed
+
+
+class Estimator:
+    """Fast MACs/params of the pruned model, from kept fractions of spaces."""
+
+    def __init__(self, ir: GraphIR, g: ChannelGraph) -> None:
+        assert g.comp is not None
+        self.g = g
+        keys = list(g.spaces)
+        self.index = {k: i for i, k in enumerate(keys)}
+        self.starts = np.array([g.spaces[k][0] for k in keys], dtype=np.int64)
+        self.sizes = np.array([g.spaces[k][1] for k in keys], dtype=np.int64)
+        costs = ir.costs()
+        self.macs0 = ir.total_macs()
+        self.params0 = ir.total_params()
+        self.terms: list[tuple[int, list[int]]] = []
+        for node in ir.graph.nodes:
+            macs = costs[node.name].macs
+            if macs <= 0:
+                continue
+            spaces = [self.index[k] for k in self._out_keys(node) if k in self.index]
+            c = self._contracted(ir, node)
+            if c is not None and c in self.index:
+                spaces.append(self.index[c])
+            self.terms.append((macs, spaces))
+        # parameters: numel and the spaces of each dim
+        self.ptensors: list[tuple[int, list[int]]] = []
+        named = dict(ir.gm.named_parameters())
+        by_param: dict[str, list[int]] = {}
+        for k, i in self.index.items():
+            if k[0] == "p" and k[1] in named:
+                by_param.setdefault(k[1], []).append(i)
+        for name, idx in by_param.items():
+            self.ptensors.append((named[name].numel(), idx))
+
+    def _out_keys(self, node: object) -> list[SpaceKey]:
+        val = _val(node)
+        if isinstance(val, torch.Tensor):
+            return [self.g.key(node, d) for d in range(val.dim())]  # type: ignore[arg-type]
+        return []
+
+    def _contracted(self, ir: GraphIR, node: object) -> SpaceKey | None:
+        op, target = node.op, node.target  # type: ignore[attr-defined]
+        if op == "call_module":
+            m = ir.module(node)  # type: ignore[arg-type]
+            if isinstance(m, nn.Linear) or (
+                isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1 and not m.transposed
+            ):
+                return ("p", f"{target}.weight", 1)
+            return None
+        weight = _arg(node, 1, "weight") if op == "call_function" else None  # type: ignore[arg-type]
+        if weight is not None and getattr(weight, "op", None) == "get_attr":
+            return ("p", str(weight.target), 1)
+        args = node.args  # type: ignore[attr-defined]
+        if args and _val(args[0]) is not None and isinstance(_val(args[0]), torch.Tensor):
+            a = args[0]
+            if str(getattr(target, "__name__", target)) in ("matmul", "bmm", "mm"):
+                return self.g.key(a, _val(a).dim() - 1)
+        return None
+
+    def fractions(self, removed: np.ndarray) -> np.ndarray:
+        gone = removed[self.g.comp].astype(np.int64)
+        csum = np.concatenate([[0], np.cumsum(gone)])
+        lost = csum[self.starts + self.sizes] - csum[self.starts]
+        return (self.sizes - lost) / self.sizes
+
+    def macs(self, removed: np.ndarray) -> float:
+        f = self.fractions(removed)
+        return float(sum(m * np.prod(f[s]) for m, s in self.terms))
+
+    def params(self, removed: np.ndarray) -> float:
+        f = self.fractions(removed)
+        lost = sum(n * (1 - np.prod(f[s])) for n, s in self.ptensors)
+        return float(self.params0 - lost)

@@ -1,0 +1,439 @@
+"""The prune pass: dependency analysis and physical removal on every pattern, exactly.
+
+Pattern tests zero the channels the plan will remove (their producing rows, biases and
+norm parameters, never the consuming columns, so a wrong index mapping shows), run the
+model, prune, and check the pruned model computes the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_bn
+from graphopt.passes.prune import Prune, analyse
+from graphopt.passes.prune.plan import Selector
+from graphopt.passes.prune.pruner import apply_removal, keep_masks
+from torch import nn
+
+import graphopt
+from graphopt import GraphIR, GraphoptError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread per test process (two pytest workers already fill both cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def plan(model: nn.Module, x: torch.Tensor, ratio: float = 0.5, seed: int = 0, ignore=()):
+    """Trace, analyse and choose a random removal of ``ratio`` of every group."""
+    ir = GraphIR.trace(model, (x,))
+    g = analyse(ir, ignore)
+    scores = np.random.default_rng(seed).random(len(g.prunable))
+    sel = Selector(g, scores, round_to=1, max_layer_ratio=0.9, global_rank=False)
+    return ir, g, sel.removal(ratio)
+
+
+def zero_removed(g, removed: np.ndarray) -> None:
+    """Zero what produces the channels to be removed (not the layers that read them)."""
+    for key, keep in keep_masks(g, removed).items():
+        if key[0] != "p" or key in g.consumers:
+            continue
+        t = g.tensor(key[1])
+        with torch.no_grad():
+            t.index_fill_(key[2], torch.from_numpy(np.flatnonzero(~keep)), 0.0)
+
+
+def assert_exact(
+    model: nn.Module,
+    x: torch.Tensor,
+    shrinks: list[str],
+    *,
+    ratio: float = 0.5,
+    seed: int = 0,
+    atol: float = 1e-5,
+) -> GraphIR:
+    """Zero then prune ``model``; the output is unchanged and every layer in ``shrinks``
+    lost output channels. Returns the pruned IR."""
+    model = model.eval()
+    ir, g, removed = plan(model, x, ratio, seed)
+    assert removed.any(), g.frozen_report()
+    zero_removed(g, removed)
+    with torch.no_grad():
+        want = ir.gm(x)
+    pruned = ir.copy()
+    apply_removal(pruned, g, removed)
+    with torch.no_grad():
+        got = pruned.gm(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=atol, rtol=1e-5)
+    for name in shrinks:
+        before = ir.gm.get_submodule(name).weight.shape
+        after = pruned.gm.get_submodule(name).weight.shape
+        assert after[0] < before[0] or (after != before and before[0] == 1), name
+    return pruned
+
+
+def cbr(cin: int, cout: int, **kw) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, **kw), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+# -- patterns -------------------------------------------------------------------------------
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.a = cbr(16, 24)
+        self.b = nn.Conv2d(24, 16, 3, padding=1)
+        self.sub = nn.Conv2d(16, 16, 1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.b(self.a(x)) + x
+        y = y - self.sub(y)
+        return self.head(y.mean((2, 3)))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = cbr(3, 16)
+        self.fc1 = nn.Conv2d(16, 8, 1)
+        self.fc2 = nn.Conv2d(8, 16, 1)
+        self.out = nn.Conv2d(16, 6, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        s = F.adaptive_avg_pool2d(x, 1)
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
+        return self.out(x * s)
+
+
+class ConcatSplit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.b = cbr(3, 16)
+        self.c = nn.Conv2d(24, 16, 1)
+        self.d = nn.Conv2d(8, 8, 1)
+        self.e = nn.Conv2d(8, 8, 1)
+        self.f = nn.Conv2d(16, 4, 1)
+        self.g = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], dim=1)
+        y = self.c(y)
+        p, q = torch.split(y, [8, 8], dim=1)
+        r, s = q.chunk(2, dim=1)
+        z = torch.cat([self.d(p), self.e(p)], 1)
+        return self.f(torch.cat([z[:, :8], s, r], dim=1)) + self.g(y[:, 12:])
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    b, c, h, w = x.shape
+    x = x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous()
+    return x.view(b, c, h, w)
+
+
+class Shuffle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 16)
+        self.b = cbr(8, 8)
+        self.c = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.a(x)
+        left, right = x.chunk(2, dim=1)
+        x = channel_shuffle(torch.cat([left, self.b(right)], 1), 2)
+        b, _, h, w = x.shape
+        return self.c(x.reshape(b, 2, 8, h, w).flatten(1, 2))
+
+
+class Grouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 16)
+        self.g = nn.Conv2d(16, 32, 3, padding=1, groups=4)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.bn = nn.BatchNorm2d(32)
+        self.pw = nn.Conv2d(32, 6, 1)
+
+    def forward(self, x):
+        return self.pw(F.relu(self.bn(self.dw(self.g(self.a(x))))))
+
+
+class FlattenLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.fc = nn.Linear(8 * 4 * 4, 32)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.a(x), 2)
+        return self.head(F.relu(self.fc(torch.flatten(x, 1))))
+
+
+class Norms(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 16)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.inorm = nn.InstanceNorm2d(16, affine=True)
+        self.act = nn.PReLU(16)
+        self.c = nn.Conv1d(16, 8, 1)
+        self.bn1 = nn.BatchNorm1d(8)
+        self.out = nn.Conv1d(8, 3, 1)
+
+    def forward(self, x):
+        x = self.act(self.inorm(self.b(self.gn(self.a(x)))))
+        return self.out(self.bn1(self.c(x.flatten(2))))
+
+
+class MHA(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        x = x + self.mlp(x)
+        return self.head(x[:, 0])
+
+
+class HandAttention(nn.Module):
+    """Hand-written multi-head attention: fused qkv, heads by reshape, matmul and softmax."""
+
+    def __init__(self, sdpa: bool = False) -> None:
+        super().__init__()
+        self.heads, self.sdpa = 4, sdpa
+        self.embed = nn.Linear(8, 32)
+        self.qkv = nn.Linear(32, 96)
+        self.proj = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * (1 / math.sqrt(c // self.heads))
+            y = attn.softmax(dim=-1) @ v
+        y = y.transpose(1, 2).reshape(b, n, c)
+        return self.head(x + self.proj(y))
+
+
+class ChannelsLast(nn.Module):
+    """A ConvNeXt-style block without its LayerNorm: depthwise conv, permute to channels
+    last, an MLP, a layer-scale parameter, permute back, residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 2, stride=2)
+        self.dw = nn.Conv2d(16, 16, 7, padding=3, groups=16)
+        self.pw1 = nn.Linear(16, 64)
+        self.pw2 = nn.Linear(64, 16)
+        self.gamma = nn.Parameter(torch.rand(16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.gamma * self.pw2(F.gelu(self.pw1(y)))
+        x = x + y.permute(0, 3, 1, 2)
+        return self.head(x.mean((-2, -1)))
+
+
+class Embeddings(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.table = nn.Parameter(torch.randn(20, 16))
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, idx):
+        return self.fc(self.emb(idx) + F.embedding(idx, self.table))
+
+
+class Functional(nn.Module):
+    """Parameters used directly in functional calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(16, 3, 3, 3) * 0.3)
+        self.b1 = nn.Parameter(torch.randn(16))
+        self.scale = nn.Parameter(torch.rand(1, 16, 1, 1))
+        self.w2 = nn.Parameter(torch.randn(24, 16) * 0.3)
+        self.b2 = nn.Parameter(torch.randn(24))
+        self.w3 = nn.Parameter(torch.randn(5, 24) * 0.3)
+
+    def forward(self, x):
+        x = F.relu(F.conv2d(x, self.w1, self.b1, padding=1)) * self.scale
+        x = F.linear(x.mean((2, 3)), self.w2, self.b2)
+        return F.linear(F.relu(x), self.w3)
+
+
+def image(n: int = 2, c: int = 3, s: int = 8) -> torch.Tensor:
+    return torch.randn(n, c, s, s, generator=torch.Generator().manual_seed(1))
+
+
+def tokens(n: int = 2, t: int = 5, c: int = 8) -> torch.Tensor:
+    return torch.randn(n, t, c, generator=torch.Generator().manual_seed(1))
+
+
+PATTERNS = {
+    "residual add/sub": (Residual, image, ["stem.0", "a.0", "b", "sub"]),
+    "squeeze-excite gating": (SqueezeExcite, image, ["conv.0", "fc1", "fc2"]),
+    "concat/split/chunk/slice": (ConcatSplit, image, ["a.0", "b.0", "c", "d", "e"]),
+    "channel shuffle": (Shuffle, image, ["a.0", "b.0"]),
+    "grouped and depthwise": (Grouped, image, ["a.0", "g", "dw"]),
+    "flatten into linear": (FlattenLinear, image, ["a.0", "fc"]),
+    "group/instance/batch norm, prelu": (Norms, image, ["a", "b", "c"]),
+    "nn.MultiheadAttention": (MHA, tokens, ["embed", "mlp.0", "attn.out_proj"]),
+    "hand-written attention": (HandAttention, tokens, ["embed", "qkv", "proj"]),
+    "attention via sdpa": (lambda: HandAttention(sdpa=True), tokens, ["embed", "qkv"]),
+    "channels last": (ChannelsLast, image, ["stem", "dw", "pw1", "pw2"]),
+    "functional parameters": (Functional, image, []),
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_pattern_exact(pattern: str, seed: int) -> None:
+    factory, inputs, shrinks = PATTERNS[pattern]
+    torch.manual_seed(seed)
+    model = randomize_bn(factory(), seed)
+    assert_exact(model, inputs(), shrinks, seed=seed)
+
+
+def test_functional_parameters_are_sliced() -> None:
+    torch.manual_seed(0)
+    pruned = assert_exact(Functional(), image(), [])
+    assert pruned.gm.w1.shape[0] < 16 and pruned.gm.scale.shape[1] == pruned.gm.w1.shape[0]
+    assert pruned.gm.w2.shape == (pruned.gm.w2.shape[0], pruned.gm.w1.shape[0])
+    assert pruned.gm.w3.shape[1] == pruned.gm.w2.shape[0] < 24
+
+
+def test_embeddings() -> None:
+    torch.manual_seed(0)
+    idx = torch.randint(0, 20, (2, 7), generator=torch.Generator().manual_seed(0))
+    pruned = assert_exact(Embeddings(), idx, [])
+    assert pruned.gm.emb.weight.shape[1] < 16
+    assert pruned.gm.emb.embedding_dim == pruned.gm.table.shape[1] == pruned.gm.fc.in_features
+
+
+def test_block_from_conftest(block: nn.Module, block_input: tuple[torch.Tensor, ...]) -> None:
+    pruned = assert_exact(block, block_input[0], ["stem", "grouped", "depthwise", "shared"])
+    attn = pruned.gm.get_submodule("attn")
+    assert attn.embed_dim == attn.in_proj_weight.shape[1] == attn.num_heads * attn.head_dim
+    assert attn.embed_dim < 32
+
+
+def test_module_attributes_follow() -> None:
+    torch.manual_seed(0)
+    pruned = assert_exact(Norms(), image(), ["a"])
+    gm = pruned.gm
+    assert gm.gn.num_channels == gm.a.out_channels == gm.b.in_channels
+    assert (
+        gm.gn.num_channels % gm.gn.num_groups == 0 and gm.gn.num_channels // gm.gn.num_groups == 4
+    )
+    assert gm.act.num_parameters == gm.inorm.num_features == gm.b.out_channels
+    assert gm.bn1.num_features == gm.c.out_channels == gm.out.in_channels
+    pruned = assert_exact(Grouped(), image(), ["g"])
+    gm = pruned.gm
+    # a grouped conv loses whole groups; a depthwise conv stays depthwise
+    assert gm.g.groups < 4 and gm.g.out_channels == 8 * gm.g.groups
+    assert gm.g.in_channels == gm.get_submodule("a.0").out_channels == 4 * gm.g.groups
+    assert gm.dw.groups == gm.dw.out_channels == gm.g.out_channels == gm.bn.num_features
+
+
+def test_layer_norm_renormalises_over_kept_channels() -> None:
+    """LayerNorm over pruned channels is not exact (its statistics change): the pruned model
+    must compute LayerNorm over the kept channels with the kept affine parameters."""
+    torch.manual_seed(0)
+
+    class LN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 32)
+            self.ln = nn.LayerNorm(32)
+            self.b = nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.b(self.ln(self.a(x)))
+
+    model = LN().eval()
+    x = tokens()
+    ir, g, removed = plan(model, x)
+    pruned = ir.copy()
+    apply_removal(pruned, g, removed)
+    kept = [
+        i for i in range(32) if any(torch.equal(model.a.weight[i], r) for r in pruned.gm.a.weight)
+    ]
+    assert len(kept) == pruned.gm.ln.normalized_shape[0] < 32
+    h = F.layer_norm(
+        model.a(x)[..., kept], (len(kept),), model.ln.weight[kept], model.ln.bias[kept]
+    )
+    want = F.linear(h, model.b.weight[:, kept], model.b.bias)
+    torch.testing.assert_close(pruned.gm(x), want, atol=1e-5, rtol=1e-5)
+
+
+# -- the pass ---------------------------------------------------------------------------------
+
+
+def test_pass_through_optimize_ratio_and_docstring() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 16, 3))
+    result = graphopt.optimize(model.eval(), "prune(ratio=0.5)", example_inputs=(image(s=16),))
+    gm = result.ir.gm
+    assert gm.get_submodule("0").out_channels == 16 == gm.get_submodule("3").in_channels
+    assert gm.get_submodule("3").out_channels == 16  # the model output is protected
+    assert result.ledger[-1].stats["MACs kept %"] == pytest.approx(50, abs=1)
+
+
+def test_input_model_not_mutated(block: nn.Module, block_input) -> None:
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    graphopt.optimize(block, "prune(ratio=0.5)", example_inputs=block_input)
+    after = block.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    "pipeline, message",
+    [
+        ("prune(criterion=nope)", "unknown pruning criterion 'nope'"),
+        ("prune(ratio=1.5)", "ratio"),
+        ("prune(criterion=taylor)", "needs data"),
+    ],
+)
+def test_bad_options_are_one_sentence(block, block_input, pipeline: str, message: str) -> None:
+    with pytest.raises(GraphoptError, match=message):
+        graphopt.optimize(block, pipeline, example_inputs=block_input)
+
+
+def test_nothing_prunable_is_refused() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(GraphoptError, match="nothing in this model can be pruned"):
+        graphopt.optimize(model.eval(), "prune", example_inputs=(image(),))
+
+
+def test_pass_is_registered() -> None:
+    assert graphopt.get_registry().pass_class("prune") is Prune
