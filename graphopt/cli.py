@@ -329,6 +329,72 @@ def _dot(ir: Any) -> str:
     return to_pydot(g).to_string()
 
 
+@app.command()
+def report(
+    model: Model,
+    other: Annotated[
+        str | None,
+        typer.Argument(
+            help="A second model (e.g. MODEL optimised) to compare with MODEL.", show_default=False
+        ),
+    ] = None,
+    weights: Weights = None,
+    trust_pickle: Trust = False,
+    input_shape: Shapes = None,
+    input_dtype: Dtypes = None,
+    leaf_module: Leaves = None,
+    concrete_arg: Concrete = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="Batches to compare the two models on (default: probe input)."),
+    ] = None,
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs per latency figure.")] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before timing.")] = 3,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="CPU threads (default: torch's default).")
+    ] = None,
+    onnx: Annotated[
+        bool, typer.Option("--onnx/--no-onnx", help="Also time the model in onnxruntime.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Measure MODEL (params, MACs, size, CPU latency); with OTHER, compare the two."""
+    from .loading import load_data, make_inputs, parse_shape
+    from .profiling import agreement, load_for_report, measure, torch_threads
+    from .report import print_report, report_json
+
+    if runs < 1 or warmup < 0 or (threads is not None and threads < 1):
+        raise GraphoptError("--runs and --threads must be at least 1 and --warmup at least 0")
+    if data is not None and other is None:
+        raise GraphoptError("--data is for comparing two models; give OTHER as well")
+    shapes = [parse_shape(s) for s in input_shape or []]
+    inputs = make_inputs(shapes, input_dtype or []) if shapes else None
+    args: dict[str, Any] = {
+        "trust_pickle": trust_pickle,
+        "leaf_modules": leaf_module or [],
+        "concrete_args": _concrete(concrete_arg),
+    }
+    batches = load_data(data) if data else None
+    with _progress() as progress, torch_threads(threads):
+        progress.add_task(f"measuring {model}", total=None)
+        first = load_for_report(model, inputs=inputs, weights=weights, **args)
+        reports = [measure(first, runs=runs, warmup=warmup, onnx=onnx)]
+        agree = None
+        if other is not None:
+            second = load_for_report(other, inputs=first.inputs, **args)
+            reports.append(measure(second, runs=runs, warmup=warmup, onnx=onnx))
+            agree = agreement(first, second, batches)
+            if weights is None and not os.path.exists(model):
+                reports[0].notes.append(
+                    "built with fresh random weights, so no other model can agree with it; "
+                    "give --weights or a saved model file to compare"
+                )
+    if as_json:
+        sys.stdout.write(json.dumps(report_json(reports, agree), indent=2) + "\n")
+    else:
+        print_report(_console(), reports, agree, data=data)
+
+
 @app.command("passes")
 def list_passes(
     ctx: typer.Context,

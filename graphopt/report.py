@@ -1,15 +1,32 @@
-"""Rendering the compression ledger: a rich table for people, JSON for machines."""
+"""Rendering the compression ledger and model reports: rich tables for people, JSON for
+machines."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
+from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from .manager import LedgerEntry
+from .manager import Deviation, LedgerEntry
 
-__all__ = ["human", "ledger_table", "write_text_atomic"]
+if TYPE_CHECKING:
+    from .profiling import ModelReport
+
+__all__ = [
+    "artifact_line",
+    "human",
+    "ledger_table",
+    "print_report",
+    "report_json",
+    "report_table",
+    "write_text_atomic",
+]
 
 
 def human(n: float) -> str:
@@ -55,6 +72,116 @@ def ledger_table(ledger: list[LedgerEntry], title: str = "compression ledger") -
             f"{e.seconds:.2f}s" if e is not base else "",
         )
     return table
+
+
+def _latency(lat: Any) -> str:
+    return f"{lat.median_ms:.2f} ms [{lat.p25_ms:.2f}–{lat.p75_ms:.2f}]"
+
+
+def _ratio(a: Any, b: Any) -> str:
+    a, b = (getattr(v, "median_ms", v) for v in (a, b))
+    return f"{b / a:.3f}×" if a and b is not None else "—"
+
+
+def report_table(reports: list[ModelReport], agreement: Deviation | None = None) -> Table:
+    """Rows of measurements, one column per model, and B/A ratios when there are two."""
+    table = Table(title="graphopt report")
+    table.add_column("")
+    for r in reports:
+        table.add_column(r.source, justify="right")
+    pair = len(reports) == 2
+    if pair:
+        table.add_column("B/A", justify="right")
+    rows: list[tuple[str, list[Any], Callable[[Any], str]]] = [
+        ("params", [r.params for r in reports], human),
+        ("MACs", [r.macs for r in reports], human),
+        ("size", [r.size_bytes for r in reports], lambda v: human(v) + "B"),
+        ("eager CPU latency", [r.latency for r in reports], _latency),
+        ("onnxruntime latency", [r.ort_latency for r in reports], _latency),
+    ]
+    for label, values, fmt in rows:
+        cells = [fmt(v) if v is not None else "—" for v in values]
+        if pair:
+            cells.append(_ratio(*values))
+        table.add_row(label, *cells)
+    table.add_row("size of", *[r.size_kind for r in reports], *([""] if pair else []))
+    captions = []
+    if agreement is not None:
+        top1 = f"{100 * agreement.top1:.1f}%" if agreement.top1 is not None else "—"
+        captions.append(
+            f"B against A: max abs err {agreement.max_abs_err:.2e}, "
+            f"rel err {agreement.rel_err:.2e}, top-1 agreement {top1}"
+        )
+    timed = next((t for r in reports for t in (r.latency, r.ort_latency) if t is not None), None)
+    if timed is not None:
+        captions.append(
+            f"latency: median [quartiles] of {timed.runs} runs after {timed.warmup} warm-up, "
+            f"{timed.threads} threads"
+        )
+    table.caption = escape("\n".join(captions)) or None
+    table.caption_justify = "left"
+    return table
+
+
+def artifact_line(report: ModelReport) -> str | None:
+    """Who wrote an artifact, from what, with which pipeline; None for a plain model."""
+    meta = report.metadata
+    if not meta:
+        return None
+    return (
+        f"{report.source}: written by graphopt {meta.get('graphopt', '?')} with torch "
+        f"{meta.get('torch', '?')} from {meta.get('source') or '?'}, "
+        f"pipeline {meta.get('pipeline')!r}"
+    )
+
+
+def print_report(
+    console: Console,
+    reports: list[ModelReport],
+    agreement: Deviation | None = None,
+    *,
+    data: str | None = None,
+) -> None:
+    """The ``graphopt report`` output: the table, notes, and each artifact's ledger."""
+    from .profiling import ledger_from_metadata
+
+    console.print(report_table(reports, agreement))
+    if agreement is not None:
+        console.print(f"  agreement measured on {data or 'the probe input of A'}", highlight=False)
+    for r in reports:
+        for note in r.notes:
+            console.print(f"  {r.source}: {note}", highlight=False, markup=False)
+        line = artifact_line(r)
+        if line:
+            console.print(line, highlight=False, markup=False)
+            ledger = ledger_from_metadata(r.metadata or {})
+            if ledger:
+                console.print(ledger_table(ledger, title=f"compression ledger of {r.source}"))
+
+
+def report_json(reports: list[ModelReport], agreement: Deviation | None = None) -> dict[str, Any]:
+    """The ``graphopt report --json`` document."""
+    import torch
+
+    from . import __version__
+
+    data: dict[str, Any] = {
+        "graphopt": __version__,
+        "torch": torch.__version__,
+        "models": [r.to_json() for r in reports],
+    }
+    if agreement is not None:
+        data["agreement"] = asdict(agreement)
+    if len(reports) == 2:
+        a, b = reports
+        data["ratios"] = {
+            "params": _ratio(a.params, b.params),
+            "macs": _ratio(a.macs, b.macs),
+            "size": _ratio(a.size_bytes, b.size_bytes),
+            "latency": _ratio(a.latency, b.latency),
+            "ort_latency": _ratio(a.ort_latency, b.ort_latency),
+        }
+    return data
 
 
 def write_text_atomic(path: str, text: str) -> None:
