@@ -43,3 +43,10 @@ def graphopt_register_prune_criteria(register: Any) -> None:
 def graphopt_register_commands(app: Any) -> None:
     """Contribute CLI subcommands: decorate functions with ``@app.command()`` on the given
     ``typer.Typer``; they appear beside graphopt's own commands."""
+
+
+@hookspec
+def graphopt_register_distill_losses(register: Any) -> None:
+    """Contribute distillation losses: call ``register(name, fn)``; ``fn(inputs)`` gets a
+    ``LossInputs`` (student/teacher logits and paired features, labels, temperature) and
+    returns a scalar tensor. Users add it with ``distill(losses=[name:weight])``."""

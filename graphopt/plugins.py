@@ -54,6 +54,7 @@ class Registry:
     pass_owner: dict[str, str] = field(default_factory=dict)
     analyses: dict[str, Any] = field(default_factory=dict)
     exporters: dict[str, Any] = field(default_factory=dict)
+    distill_losses: dict[str, Any] = field(default_factory=dict)
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
     _cli_app: Any = None
 
@@ -108,12 +109,22 @@ def _register_exporter(reg: Registry, owner: str, exporter: Any) -> None:
     reg.plugins[owner].exporters.append(exporter.name)
 
 
+def _register_distill_loss(reg: Registry, owner: str, name: str, fn: Any) -> None:
+    if name in reg.distill_losses:
+        raise GraphoptError(
+            f"distillation loss '{name}' is registered twice (again by plugin '{owner}'); "
+            "disable one of the plugins with -p no:NAME"
+        )
+    reg.distill_losses[name] = fn
+
+
 def _collect(reg: Registry) -> None:
     hook = reg.pm.hook
     contributions = [
         (hook.graphopt_register_analyses, _register_analysis),
         (hook.graphopt_register_exporters, _register_exporter),
         (hook.graphopt_register_passes, _register_pass),
+        (hook.graphopt_register_distill_losses, _register_distill_loss),
     ]
     for caller, adder in contributions:
         # get_hookimpls is in registration order, so built-ins come first.

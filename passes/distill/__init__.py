@@ -1,0 +1,268 @@
+"""``distill``: recover the accuracy compression cost by training the student towards the teacher.
+
+The teacher is the original model (the pass manager's untouched reference), the student
+the compressed model the earlier passes produced. Student nodes are paired with teacher
+nodes through provenance (:mod:`.pairing`); the loss is ``α·KD + β·feature + γ·CE`` plus
+any plugin loss (:mod:`.losses`); :mod:`.loop` trains, on one process or under torchrun.
+``bnrecal`` is the cheap sibling: re-estimate BatchNorm statistics, no training
+(:mod:`.bnrecal`).
+
+>>> import torch, graphopt
+>>> from graphopt.passes.distill import distill
+>>> torch.manual_seed(0) and None
+>>> teacher = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+>>> student = torch.nn.Sequential(torch.nn.Linear(4, 3))
+>>> x = torch.randn(64, 4)
+>>> y = teacher(x).argmax(1)
+>>> data = ([(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)], [(x, y)])
+>>> run = distill(student, teacher, data, example_inputs=(x[:1],), epochs=2, progress=False)
+>>> run.stats["epochs"], run.stats["val accuracy after"] >= run.stats["val accuracy before"]
+(2, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch.fx as fx
+from torch import nn
+
+import graphopt
+from graphopt import GraphIR, GraphoptError, PassContext
+
+from .bnrecal import recalibrate_bn
+from .data import NO_DATA, split_batch, train_val
+from .loop import FitResult, evaluate, fit, logits_of
+from .losses import LossFn, LossInputs, adapter, ce_loss, feature_loss, kd_loss, plugin_losses
+from .pairing import Pair, block_outputs, pair_nodes, tap
+
+__all__ = [
+    "PASSES",
+    "BNRecal",
+    "Distill",
+    "Distilled",
+    "FitResult",
+    "LossFn",
+    "LossInputs",
+    "Pair",
+    "adapter",
+    "block_outputs",
+    "ce_loss",
+    "distill",
+    "evaluate",
+    "feature_loss",
+    "fit",
+    "kd_loss",
+    "logits_of",
+    "pair_nodes",
+    "recalibrate_bn",
+    "split_batch",
+    "tap",
+    "train_val",
+]
+
+
+def _fraction(v: float) -> bool:
+    return 0 < v <= 1
+
+
+class Distill(graphopt.Pass):
+    """Train the compressed student towards the original model (the teacher)."""
+
+    name = "distill"
+    summary = "Recover accuracy by knowledge distillation from the original model (needs data)."
+    exact = False
+    keeps = ()
+    after = ("prune", "depthwise", "sparsify", "bnrecal")
+
+    @dataclass
+    class Options:
+        epochs: int = graphopt.option(10, "training epochs (per round)", check=lambda v: v >= 0)
+        alpha: float = graphopt.option(
+            0.9, "weight α of the soft-label KD loss", check=lambda v: v >= 0
+        )
+        beta: float = graphopt.option(
+            0.5,
+            "weight β of the feature loss (0 turns feature pairing off)",
+            check=lambda v: v >= 0,
+        )
+        gamma: float = graphopt.option(
+            0.1, "weight γ of the hard-label cross-entropy", check=lambda v: v >= 0
+        )
+        temperature: float = graphopt.option(
+            4.0, "softmax temperature T of the KD loss", check=lambda v: v > 0
+        )
+        features: list[str] = graphopt.option(
+            [], "teacher node-name globs to distil features at (default: every block's output)"
+        )
+        losses: list[str] = graphopt.option([], "plugin losses to add, as NAME or NAME:WEIGHT")
+        optimizer: Literal["adamw", "sgd"] = graphopt.option("adamw", "optimizer")
+        lr: float = graphopt.option(1e-3, "initial learning rate", check=lambda v: v > 0)
+        weight_decay: float = graphopt.option(1e-4, "weight decay", check=lambda v: v >= 0)
+        schedule: Literal["cosine", "constant"] = graphopt.option(
+            "cosine", "learning-rate schedule over the epochs"
+        )
+        patience: int = graphopt.option(
+            3, "stop after this many epochs without a better validation metric (0: never)",
+            check=lambda v: v >= 0,
+        )  # fmt: skip
+        l1_bn: float = graphopt.option(
+            0.0, "L1 penalty on BatchNorm scales (network slimming)", check=lambda v: v >= 0
+        )
+        freeze_bn: bool = graphopt.option(
+            False, "keep BatchNorm statistics fixed while training (scales still learn)"
+        )
+        prune_targets: list[float] = graphopt.option(
+            [],
+            "iterative schedule: prune to each fraction of the MACs in turn, distilling after each",
+            check=lambda v: all(_fraction(x) for x in v) and list(v) == sorted(v, reverse=True),
+            check_msg="decreasing fractions in (0, 1]",
+        )
+        checkpoint: str | None = graphopt.option(None, "folder for a checkpoint every epoch")
+        resume: bool = graphopt.option(False, "continue from the checkpoint if there is one")
+        device: str = graphopt.option("auto", "cpu, cuda, cuda:N, or auto (GPU when there is one)")
+        seed: int = graphopt.option(0, "random seed of adapters and shuffling")
+        progress: bool = graphopt.option(True, "show a progress bar on a terminal")
+
+    registry: graphopt.Registry | None = None
+
+    def run(self, ir: GraphIR, ctx: PassContext) -> None:
+        o = self.options
+        train, val = train_val(ctx.data)
+        if not isinstance(ctx.reference, fx.GraphModule):
+            raise GraphoptError(
+                "distill needs the original model as its teacher; run it through "
+                "graphopt.optimize or a PassManager, or call graphopt.passes.distill.distill"
+            )
+        if o.resume and not o.checkpoint:
+            raise GraphoptError("distill(resume=true) needs checkpoint=FOLDER to resume from")
+        if o.resume and o.prune_targets:
+            raise GraphoptError(
+                "distill cannot resume an iterative prune_targets schedule; resume a single "
+                "distill step after prune instead"
+            )
+        extras = plugin_losses(o.losses, self.registry)
+        if not o.prune_targets:
+            self._report(fit(ir.gm, ctx.reference, train, val, o, extra_losses=extras,
+                             console=ctx.console), ctx, "")  # fmt: skip
+            return
+        prune = _prune_pass(self.registry)
+        macs0 = ir.total_macs()
+        for k, target in enumerate(o.prune_targets, 1):
+            relative = target * macs0 / max(ir.total_macs(), 1)
+            if relative < 1:
+                step = prune(prune.parse_options({"target": relative}))
+                sub = PassContext(
+                    probe_inputs=ctx.probe_inputs, reference=ctx.reference, data=ctx.data,
+                    console=ctx.console,
+                )  # fmt: skip
+                step.run(ir, sub)
+                ir.recompile()
+                ir.invalidate()
+                ctx.notes.extend(f"round {k} prune: {n}" for n in sub.notes)
+            ctx.note(f"round {k}: {ir.total_macs() / macs0:.1%} of the MACs")
+            result = fit(ir.gm, ctx.reference, train, val, o, extra_losses=extras,
+                         console=ctx.console)  # fmt: skip
+            self._report(result, ctx, f"round {k}: ")
+
+    @staticmethod
+    def _report(result: FitResult, ctx: PassContext, prefix: str) -> None:
+        for note in result.notes:
+            ctx.note(prefix + note)
+        ctx.stats["epochs"] = ctx.stats.get("epochs", 0) + result.epochs
+        ctx.stats["feature pairs"] = len(result.pairs)
+        if result.before is not None and result.after is not None:
+            kind = result.metric
+            if result.teacher is not None:
+                ctx.stats[f"teacher val {kind}"] = result.teacher
+            ctx.stats.setdefault(f"val {kind} before", result.before)
+            ctx.stats[f"val {kind} after"] = result.after
+            ctx.note(
+                f"{prefix}val {kind}: teacher {result.teacher:.2%}, student "
+                f"{result.before:.2%} → {result.after:.2%} in {result.epochs} epochs "
+                f"(best at epoch {result.best_epoch})"
+            )
+
+
+def _prune_pass(registry: graphopt.Registry | None) -> type[graphopt.Pass]:
+    reg = registry or graphopt.get_registry()
+    if "prune" not in reg.passes:
+        raise GraphoptError(
+            "distill(prune_targets=…) needs the prune pass, which is not registered; "
+            "drop prune_targets or install a plugin that provides 'prune'"
+        )
+    return reg.passes["prune"]
+
+
+class BNRecal(graphopt.Pass):
+    """Re-estimate BatchNorm running statistics on the user's data (no training)."""
+
+    name = "bnrecal"
+    summary = "Recompute BatchNorm running statistics on a few batches (needs data)."
+    exact = False
+    keeps = ("shapes", "costs")
+    after = ("prune", "depthwise", "sparsify")
+    before = ("fold",)
+
+    @dataclass
+    class Options:
+        batches: int = graphopt.option(
+            100, "how many training batches to average the statistics over", check=lambda v: v > 0
+        )
+
+    def run(self, ir: GraphIR, ctx: PassContext) -> None:
+        if ctx.data is None:
+            raise GraphoptError(NO_DATA.replace("distill needs training", "bnrecal needs"))
+        train, _ = train_val(ctx.data)
+        used = recalibrate_bn(ir.gm, train, self.options.batches)
+        if used == 0:
+            ctx.note("no BatchNorm with running statistics: nothing to recalibrate")
+        ctx.stat("batches", used)
+
+
+@dataclass
+class Distilled:
+    """What :func:`distill` returns: the trained student and the pass's report."""
+
+    ir: GraphIR
+    stats: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def distill(
+    student: nn.Module | GraphIR,
+    teacher: nn.Module,
+    data: Any,
+    *,
+    example_inputs: Sequence[Any] | None = None,
+    registry: graphopt.Registry | None = None,
+    console: Any = None,
+    **options: Any,
+) -> Distilled:
+    """Distil ``teacher`` into a copy of ``student`` outside a pipeline (neither is changed).
+
+    Use it when the student did not come out of a graphopt pipeline, e.g. a narrower
+    version of the same architecture: nodes pair by name (and provenance) as in the pass.
+    ``options`` are the ``distill`` pass's options; ``data`` as for the pass.
+    """
+    if isinstance(student, GraphIR):
+        ir = student.copy()
+    elif example_inputs is None:
+        raise GraphoptError("distill() needs example_inputs when the student is a plain module")
+    else:
+        ir = GraphIR.trace(student, example_inputs).copy()
+    teacher_gm = teacher if isinstance(teacher, fx.GraphModule) else GraphIR.trace(teacher, ()).gm
+    p = Distill(Distill.parse_options(options))
+    p.registry = registry
+    ctx = PassContext(
+        probe_inputs=ir.example_inputs, reference=teacher_gm, data=data, console=console
+    )
+    p.run(ir, ctx)
+    ir.recompile()
+    ir.invalidate()
+    return Distilled(ir, dict(ctx.stats), list(ctx.notes))
+
+
+PASSES = (Distill, BNRecal)

@@ -1,0 +1,78 @@
+"""Reading the user's data: training and validation loaders, and batches of inputs and labels.
+
+``ctx.data`` (the Python API's ``data=`` or the CLI's ``--data package.module:callable``)
+may be
+
+* one loader — an iterable of batches, used for training, with no validation;
+* a pair ``(train, val)`` of loaders;
+* a mapping with a ``"train"`` and optionally a ``"val"`` loader.
+
+A batch is a tuple (or list) of the model's inputs, optionally followed by one more item,
+the labels; a bare tensor is the single input of a one-input model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from graphopt import GraphoptError
+
+__all__ = ["NO_DATA", "split_batch", "train_val"]
+
+NO_DATA = (
+    "distill needs training data and got none; pass data=(train_loader, val_loader) from "
+    "Python or --data package.module:callable on the command line"
+)
+
+
+def _is_batch(obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return True
+    return isinstance(obj, tuple | list) and all(isinstance(x, torch.Tensor) for x in obj)
+
+
+def _is_loader(obj: Any) -> bool:
+    return isinstance(obj, Iterable) and not _is_batch(obj) and not isinstance(obj, str | bytes)
+
+
+def train_val(data: Any) -> tuple[Iterable[Any], Iterable[Any] | None]:
+    """The training loader and the validation loader (or None) in ``data``."""
+    if data is None:
+        raise GraphoptError(NO_DATA)
+    if isinstance(data, Mapping):
+        if "train" not in data:
+            raise GraphoptError(
+                f"distill data is a mapping without a 'train' entry (it has {sorted(data)}); "
+                "give {'train': loader, 'val': loader}"
+            )
+        return data["train"], data.get("val")
+    if isinstance(data, tuple | list) and len(data) == 2 and all(_is_loader(d) for d in data):
+        return data[0], data[1]
+    if not _is_loader(data):
+        raise GraphoptError(
+            f"distill data is a {type(data).__name__}, not batches; give a DataLoader or a "
+            "(train, val) pair of them"
+        )
+    return data, None
+
+
+def split_batch(batch: Any, n_inputs: int) -> tuple[tuple[Any, ...], torch.Tensor | None]:
+    """A batch as (model inputs, labels or None)."""
+    if isinstance(batch, torch.Tensor):
+        batch = (batch,)
+    if not isinstance(batch, tuple | list):
+        raise GraphoptError(
+            f"a distill batch is a {type(batch).__name__}; batches must be tuples of the "
+            f"model's {n_inputs} input(s), optionally followed by the labels"
+        )
+    if len(batch) == n_inputs:
+        return tuple(batch), None
+    if len(batch) == n_inputs + 1:
+        return tuple(batch[:n_inputs]), batch[n_inputs]
+    raise GraphoptError(
+        f"a distill batch has {len(batch)} items but the model takes {n_inputs} input(s); "
+        f"give {n_inputs} inputs, optionally followed by the labels"
+    )

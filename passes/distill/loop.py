@@ -1,0 +1,456 @@
+"""The training loop: teacher frozen, student trained on ``α·KD + β·feature + γ·CE``.
+
+Optimizer (AdamW or SGD with Nesterov momentum), cosine or constant learning rate per
+epoch, early stopping on the validation metric (accuracy against the labels, or top-1
+agreement with the teacher when the data has no labels) with the best weights restored,
+a rich progress bar on terminals, a checkpoint after every epoch and resume from it, and
+the network-slimming L1 penalty on BatchNorm scales.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the same loop runs with DistributedDataParallel —
+gloo on CPU, nccl on GPU — without code changes: every process reads the same batches and
+trains on its share of each, so the global batch is the loader's batch and the result
+matches a single-process run (BatchNorm layers in training mode see only their process's
+share, as with plain DDP; ``freeze_bn`` or a ``bnrecal`` afterwards removes the difference).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils import _pytree as pytree
+from torch.utils.data.distributed import DistributedSampler
+
+from graphopt import GraphoptError
+
+from .data import split_batch
+from .losses import LossFn, LossInputs, adapter, ce_loss, feature_loss, kd_loss
+from .pairing import Pair, pair_nodes, tap
+
+__all__ = ["FitResult", "evaluate", "fit", "logits_of"]
+
+CHECKPOINT_FILE = "distill.pt"
+
+
+@dataclass
+class FitResult:
+    """What a training run did: epochs, metric before/after, the teacher's, per-epoch log."""
+
+    metric: str
+    teacher: float | None
+    before: float | None
+    after: float | None
+    epochs: int
+    best_epoch: int
+    pairs: list[Pair] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class _Student(nn.Module):
+    """The tapped student and the adapters of its feature pairs, trained together."""
+
+    def __init__(self, net: fx.GraphModule, adapters: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.net = net
+        self.adapters = nn.ModuleList(adapters)
+
+    def forward(self, *inputs: Any) -> tuple[Any, tuple[torch.Tensor, ...]]:
+        out, feats = self.net(*inputs)
+        return out, tuple(a(f) for a, f in zip(self.adapters, feats, strict=True))
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The first floating-point tensor of a model output: what KD and CE compare."""
+    for leaf in pytree.tree_leaves(out):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            return leaf
+    raise GraphoptError("the model's output holds no floating-point tensor to distill")
+
+
+def _n_inputs(gm: fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, obj)
+
+
+class _Dist:
+    """Rank, world size and whether this loop started the process group (and must end it)."""
+
+    def __init__(self) -> None:
+        self.started = False
+        if not (dist.is_available() and dist.is_initialized()):
+            if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+                self.rank, self.world = 0, 1
+                return
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            self.started = True
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def shard(self, batch: Any, loader: Any) -> Any:
+        """This process's share of a batch (all of it when the loader already shards)."""
+        if self.world == 1 or isinstance(getattr(loader, "sampler", None), DistributedSampler):
+            return batch
+        return pytree.tree_map(
+            lambda t: t.tensor_split(self.world)[self.rank] if isinstance(t, torch.Tensor) else t,
+            batch,
+        )
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.started:
+            dist.destroy_process_group()
+
+
+def _device(choice: str, rank_dist: _Dist) -> torch.device:
+    if choice != "auto":
+        return torch.device(choice)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _modes(module: nn.Module) -> list[tuple[nn.Module, bool]]:
+    return [(m, m.training) for m in module.modules()]
+
+
+def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
+    for m, mode in modes:
+        m.training = mode
+
+
+@torch.no_grad()
+def evaluate(
+    student: Callable[..., Any],
+    teacher: Callable[..., Any] | None,
+    batches: Iterable[Any],
+    n_inputs: int,
+    device: torch.device,
+) -> tuple[str, float]:
+    """Top-1 accuracy against the labels (``"accuracy"``), or, for batches without labels,
+    top-1 agreement with the teacher (``"agreement"``). Both models must be in eval mode."""
+    hits = total = 0
+    kind = "accuracy"
+    for batch in batches:
+        inputs, target = split_batch(_to(batch, device), n_inputs)
+        pred = logits_of(student(*inputs))
+        if target is None:
+            if teacher is None:
+                raise GraphoptError("validation batches carry no labels and there is no teacher")
+            kind = "agreement"
+            target = logits_of(teacher(*inputs)).argmax(1)
+        elif target.dim() == pred.dim():  # class probabilities
+            target = target.argmax(1)
+        hits += int((pred.argmax(1) == target).sum())
+        total += target.numel()
+    return kind, hits / max(total, 1)
+
+
+def _optimizer(params: list[nn.Parameter], o: Any) -> torch.optim.Optimizer:
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=o.lr, momentum=0.9, nesterov=True, weight_decay=o.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def _first_batch(train: Iterable[Any]) -> Any:
+    if iter(train) is train:
+        raise GraphoptError(
+            "distill's training data is a one-shot iterator; give something it can read once "
+            "per epoch, such as a DataLoader or a list of batches"
+        )
+    for batch in train:
+        return batch
+    raise GraphoptError("distill's training data is empty; give at least one batch")
+
+
+class _Checkpoint:
+    """``distill.pt`` in the checkpoint folder: written atomically by rank 0 every epoch."""
+
+    def __init__(self, folder: str | None, rank: int) -> None:
+        self.path = os.path.join(folder, CHECKPOINT_FILE) if folder else None
+        self.rank = rank
+        if folder and rank == 0:
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                raise GraphoptError(
+                    f"cannot create the checkpoint folder '{folder}' ({exc.strerror}); "
+                    "give a writable checkpoint=PATH"
+                ) from None
+
+    def save(self, state: dict[str, Any]) -> None:
+        if self.path is None or self.rank != 0:
+            return
+        tmp = self.path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self, model: nn.Module) -> dict[str, Any] | None:
+        if self.path is None or not os.path.exists(self.path):
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+        except Exception as exc:
+            raise GraphoptError(
+                f"checkpoint '{self.path}' does not fit this student ({str(exc).splitlines()[0]}); "
+                "delete it or give another checkpoint folder"
+            ) from None
+        return state
+
+
+def _adapters(
+    student: fx.GraphModule,
+    teacher: fx.GraphModule,
+    pairs: list[Pair],
+    inputs: tuple[Any, ...],
+    notes: list[str],
+) -> tuple[list[Pair], list[nn.Module], list[float]]:
+    """Adapters and loss scales of the pairs, from one forward pass; drop unfit pairs."""
+    with torch.no_grad():
+        _, s_feats = tap(student, [p.student for p in pairs])(*inputs)
+        _, t_feats = tap(teacher, [p.teacher for p in pairs])(*inputs)
+    kept, adapters, scales = [], [], []
+    for p, s, t in zip(pairs, s_feats, t_feats, strict=True):
+        if not (isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor)):
+            notes.append(f"feature {p.teacher}: not a tensor, not distilled")
+            continue
+        a = adapter(s.shape, t.shape)
+        if a is None or not s.is_floating_point():
+            notes.append(
+                f"feature {p.teacher}: student shape {tuple(s.shape)} cannot be mapped to "
+                f"the teacher's {tuple(t.shape)}, not distilled"
+            )
+            continue
+        kept.append(p)
+        adapters.append(a.to(s.device))
+        scales.append(max(float(t.float().pow(2).mean()), 1e-12))
+    return kept, adapters, scales
+
+
+def fit(
+    student: fx.GraphModule,
+    teacher: fx.GraphModule,
+    train: Iterable[Any],
+    val: Iterable[Any] | None,
+    o: Any,
+    *,
+    extra_losses: Sequence[tuple[LossFn, float]] = (),
+    console: Any = None,
+) -> FitResult:
+    """Train ``student`` (in place) towards the frozen ``teacher`` with the options ``o``
+    (the ``distill`` pass's options); see the module docstring."""
+    ranks = _Dist()
+    device = _device(o.device, ranks)
+    home = next((p.device for p in student.parameters()), torch.device("cpu"))
+    student_modes, teacher_modes = _modes(student), _modes(teacher)
+    t_home = next((p.device for p in teacher.parameters()), torch.device("cpu"))
+    if t_home != device:
+        teacher = copy.deepcopy(teacher).to(device)
+    try:
+        student.to(device)
+        teacher.eval()
+        return _fit(student, teacher, train, val, o, extra_losses, console, ranks, device)
+    finally:
+        student.to(home)
+        _restore(student_modes)
+        _restore(teacher_modes)
+        ranks.close()
+
+
+def _fit(
+    student: fx.GraphModule,
+    teacher: fx.GraphModule,
+    train: Iterable[Any],
+    val: Iterable[Any] | None,
+    o: Any,
+    extra_losses: Sequence[tuple[LossFn, float]],
+    console: Any,
+    ranks: _Dist,
+    device: torch.device,
+) -> FitResult:
+    torch.manual_seed(o.seed)
+    n_inputs = _n_inputs(student)
+    notes: list[str] = []
+    first_inputs, first_target = split_batch(_to(_first_batch(train), device), n_inputs)
+    pairs: list[Pair] = []
+    adapters: list[nn.Module] = []
+    scales: list[float] = []
+    if o.beta > 0:
+        pairs, missing = pair_nodes(teacher, student, o.features)
+        for name in missing:
+            notes.append(f"feature {name}: no student node stands for it, not distilled")
+        pairs, adapters, scales = _adapters(student, teacher, pairs, first_inputs, notes)
+        if not pairs:
+            notes.append("no feature pairs: β (feature loss) is not used")
+    if o.gamma > 0 and first_target is None:
+        notes.append("the batches carry no labels: γ (cross-entropy) is not used")
+    model = _Student(tap(student, [p.student for p in pairs]), adapters).to(device)
+    t_net = tap(teacher, [p.teacher for p in pairs])
+    t_net.eval()
+    train_model: nn.Module = model
+    if ranks.world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=ids)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _optimizer(params, o)
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(o.epochs, 1))
+        if o.schedule == "cosine"
+        else None
+    )
+    bns = [m for m in student.modules() if isinstance(m, _BatchNorm) and m.weight is not None]
+
+    def validate() -> tuple[str, float] | None:
+        if val is None:
+            return None
+        student.eval()
+        return evaluate(student, teacher, val, n_inputs, device)
+
+    teacher_metric = evaluate(teacher, teacher, val, n_inputs, device)[1] if val else None
+    start = validate()
+    result = FitResult(
+        metric=start[0] if start else "none",
+        teacher=teacher_metric,
+        before=start[1] if start else None,
+        after=start[1] if start else None,
+        epochs=0,
+        best_epoch=0,
+        pairs=pairs,
+        notes=notes,
+    )
+    best = start[1] if start else None
+    best_state = copy.deepcopy(student.state_dict()) if start else None
+    bad = 0
+    first_epoch = 0
+    ckpt = _Checkpoint(o.checkpoint, ranks.rank)
+    if o.resume:
+        state = ckpt.load(model)
+        if state is not None:
+            opt.load_state_dict(state["optimizer"])
+            if sched is not None and state.get("scheduler"):
+                sched.load_state_dict(state["scheduler"])
+            first_epoch, bad = state["epoch"], state["bad"]
+            best, best_state = state["best"], state["best_state"]
+            result.best_epoch, result.history = state["best_epoch"], state["history"]
+            notes.append(f"resumed from {ckpt.path} after epoch {first_epoch}")
+
+    def step_loss(batch: Any) -> torch.Tensor:
+        inputs, target = split_batch(_to(ranks.shard(batch, train), device), n_inputs)
+        with torch.no_grad():
+            t_out, t_feats = t_net(*inputs)
+        s_out, s_feats = train_model(*inputs)
+        s_logits, t_logits = logits_of(s_out), logits_of(t_out)
+        loss = s_logits.new_zeros(())
+        if o.alpha > 0:
+            loss = loss + o.alpha * kd_loss(s_logits, t_logits, o.temperature)
+        if o.beta > 0 and pairs:
+            loss = loss + o.beta * feature_loss(s_feats, t_feats, scales)
+        if o.gamma > 0 and target is not None:
+            loss = loss + o.gamma * ce_loss(s_logits, target)
+        if extra_losses:
+            li = LossInputs(s_logits, t_logits, s_feats, t_feats, target, o.temperature)
+            for fn, weight in extra_losses:
+                loss = loss + weight * fn(li)
+        if o.l1_bn > 0 and bns:
+            loss = loss + o.l1_bn * sum(bn.weight.abs().sum() for bn in bns)
+        return loss
+
+    with _progress(console, o.progress and ranks.rank == 0) as progress:
+        for epoch in range(first_epoch, o.epochs):
+            model.train()
+            if o.freeze_bn:
+                for m in student.modules():
+                    if isinstance(m, _BatchNorm):
+                        m.eval()
+            total = len(train) if hasattr(train, "__len__") else None  # type: ignore[arg-type]
+            task = progress.add_task(f"distill epoch {epoch + 1}/{o.epochs}", total=total)
+            running, seen = 0.0, 0
+            for batch in train:
+                loss = step_loss(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                running, seen = running + float(loss.detach()), seen + 1
+                progress.update(
+                    task, advance=1, description=_label(epoch, o.epochs, running / seen)
+                )
+            if sched is not None:
+                sched.step()
+            metric = validate()
+            entry = {"epoch": epoch + 1, "loss": running / max(seen, 1)}
+            if metric is not None:
+                entry[metric[0]] = metric[1]
+                improved = best is None or metric[1] > best + 1e-9
+                bad = 0 if improved else bad + 1
+                if improved or metric[1] >= (best or 0.0) - 1e-9:  # a tie: the later weights win
+                    best = metric[1]
+                    best_state = copy.deepcopy(student.state_dict())
+                    result.best_epoch = epoch + 1
+            result.history.append(entry)
+            progress.update(task, description=_label(epoch, o.epochs, entry["loss"], metric))
+            ckpt.save(
+                {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict() if sched is not None else None,
+                    "best": best,
+                    "best_state": best_state,
+                    "best_epoch": result.best_epoch,
+                    "bad": bad,
+                    "history": result.history,
+                }
+            )
+            ranks.barrier()
+            if o.patience > 0 and bad >= o.patience:
+                notes.append(
+                    f"stopped early after epoch {epoch + 1}: no better {result.metric} for "
+                    f"{o.patience} epochs"
+                )
+                break
+    result.epochs = len(result.history)
+    if best_state is not None:
+        student.load_state_dict(best_state)
+        result.after = best
+    return result
+
+
+def _label(epoch: int, epochs: int, loss: float, metric: tuple[str, float] | None = None) -> str:
+    text = f"distill epoch {epoch + 1}/{epochs} loss {loss:.4f}"
+    if metric is not None:
+        text += f" val {metric[0]} {metric[1]:.2%}"
+    return text
+
+
+def _progress(console: Any, enabled: bool) -> Any:
+    """A rich progress bar on a terminal; silent in files, pipes and other processes."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    console = console or Console(stderr=True)
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not (enabled and console.is_terminal),
+        transient=False,
+    )
