@@ -17,7 +17,6 @@ graph, so the result is a smaller model, not a mask.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -48,6 +47,7 @@ class PruneResult:
     removed_atoms: int
     total_atoms: int
     notes: list[str]
+    macs: int
 
 
 def prune_once(
@@ -90,16 +90,18 @@ def prune_once(
         removed = sel.removal(chosen)
         work = ir.copy()
         try:
-            apply_removal(work, g, removed)
+            macs = apply_removal(work, g, removed)
         except ResizeFailed as exc:
             node = next(n for n in ir.graph.nodes if n.name == exc.node.name)
             g.freeze_node(node, f"no longer fits after resizing ({_short(exc.cause)})")
             g.solve()
             continue
         if goal is not None:
-            chosen, removed, work = _correct(ir, g, sel, est, metric, goal, chosen, work)
+            chosen, removed, work, macs = _correct(
+                ir, g, sel, est, metric, goal, (chosen, removed, work, macs)
+            )
         notes.extend(g.frozen_report())
-        return PruneResult(work, chosen, int(removed.sum()), sel.n_atoms, notes)
+        return PruneResult(work, chosen, int(removed.sum()), sel.n_atoms, notes, macs)
     raise GraphoptError(
         f"pruning kept breaking the model after freezing {MAX_RETRIES} nodes; exclude the "
         "failing layers with ignore=[...]"
@@ -138,6 +140,9 @@ def _search(sel: Selector, est: Estimator, metric: str, goal: float) -> float:
     return hi
 
 
+_Trial = tuple[float, np.ndarray, GraphIR, int]
+
+
 def _correct(
     ir: GraphIR,
     g: ChannelGraph,
@@ -145,31 +150,36 @@ def _correct(
     est: Estimator,
     metric: str,
     goal: float,
-    chosen: float,
-    work: GraphIR,
-) -> tuple[float, np.ndarray, GraphIR]:
-    """Measure the real model and adjust the estimate's goal when they disagree."""
-    removed = sel.removal(chosen)
+    trial: _Trial,
+) -> _Trial:
+    """Measure the real model and aim the estimate again while they disagree; return the
+    trial closest to the goal."""
     base = est.macs0 if metric == "macs" else est.params0
-    for _ in range(3):
-        real = work.total_macs() if metric == "macs" else work.total_params()
+
+    def miss(t: _Trial) -> float:
+        return abs((t[3] if metric == "macs" else t[2].total_params()) - goal)
+
+    best = aim = trial
+    for _ in range(4):
+        _, removed, work, macs = aim
+        real = macs if metric == "macs" else work.total_params()
         if abs(real - goal) <= 0.01 * base:
             break
         # the estimate is off by a factor; aim the estimate at the corrected goal
-        estimated = _measure(est, metric, removed)
-        corrected = goal * estimated / real if real else goal
+        corrected = goal * _measure(est, metric, removed) / max(real, 1)
         try:
             ratio = _search(sel, est, metric, corrected)
         except GraphoptError:
             break
         candidate = sel.removal(ratio)
-        trial = ir.copy()
+        attempt = ir.copy()
         try:
-            apply_removal(trial, g, candidate)
+            aim = (ratio, candidate, attempt, apply_removal(attempt, g, candidate))
         except ResizeFailed:
             break
-        chosen, removed, work = ratio, candidate, trial
-    return chosen, removed, work
+        if miss(aim) < miss(best):
+            best = aim
+    return best
 
 
 class Prune(graphopt.Pass):
@@ -245,9 +255,9 @@ class Prune(graphopt.Pass):
                     ctx.note(f"… and {len(result.notes) - 20} more frozen groups")
         ir.gm = current.gm
         ir.invalidate()
-        ctx.stat("MACs kept %", round(100 * ir.total_macs() / max(macs0, 1), 2))
+        ctx.stat("MACs kept %", round(100 * result.macs / max(macs0, 1), 2))
         ctx.stat("params kept %", round(100 * ir.total_params() / max(params0, 1), 2))
-        if math.isclose(ir.total_macs(), macs0) and o.ratio > 0:
+        if result.macs == macs0:
             ctx.note("nothing was removed: every group is frozen or too small")
 
 

@@ -373,10 +373,10 @@ class ChannelGraph:
         src = node.args[0]
         if fn is None:
             fn = lambda c: _call(node, c)  # noqa: E731
-        if node.target is operator.getitem and _strided(node.args[1]):
-            self.freeze_node(node, "a strided slice cannot be re-sliced after pruning")
-            return
         vin, vout = _val(src), _val(node)
+        if node.target is operator.getitem:
+            for d in _strided_dims(node.args[1], vin.dim()):
+                self.freeze(self.key(src, d), node, "a strided slice cannot be re-sliced")
         if vin.dim() == 0 or vout.dim() == 0:
             return
         coords = [
@@ -799,6 +799,52 @@ def _module_embedding(g: ChannelGraph, node: fx.Node, m: nn.Embedding) -> None:
     g.owner[w] = t
 
 
+def _packed_attention(
+    g: ChannelGraph,
+    node: fx.Node,
+    inputs: list[fx.Node],
+    out: SpaceKey,
+    in_proj: tuple[SpaceKey, SpaceKey | None],
+    out_proj: tuple[SpaceKey, SpaceKey | None],
+    heads: int,
+    owner: str,
+) -> None:
+    """Attention whose inner width must equal its input width (``E`` rows each for q, k and
+    v in one ``(3E, E)`` weight, heads of ``E / heads``): an atom is one head-dim position
+    ``p`` in every head of q, k and v, the ``out_proj`` columns reading them, and the input
+    and output channels of the same indices, so both widths stay equal and heads equal.
+    Every other dimension (tokens, batch, windows) stays whole: attention mixes tokens."""
+    w, b = in_proj
+    wo, bo = out_proj
+    w_in = (w[0], w[1], 1)
+    e = g.size_of(w_in)
+    rows = np.arange(e)
+    for x in dict.fromkeys(inputs):
+        r = _val(x).dim()
+        for d in range(r - 1):
+            g.freeze(g.key(x, d), node, "attention mixes tokens")
+        g.link(g.key(x, r - 1), w_in)
+    for key in g._tensor_keys(node):
+        if key != out:
+            g.freeze(key, node, "attention mixes tokens")
+    for part in (1, 2):
+        g.link(w, w, rows, rows + part * e)
+    g.link(w, w, rows, rows % (e // heads))
+    g.link(w, w_in, rows, rows)
+    wo_in = (wo[0], wo[1], 1)
+    g.link(wo_in, w, rows, rows + 2 * e)
+    g.link(out, wo)
+    g.link(wo, w, rows, rows)
+    if b is not None:
+        g.link(b, w)
+    if bo is not None:
+        g.link(out, bo)
+    g.consumers.update((w_in, wo_in))
+    for key in (w, wo):
+        g.producers.add(key)
+        g.owner[key] = owner
+
+
 def _module_mha(g: ChannelGraph, node: fx.Node, m: nn.MultiheadAttention) -> None:
     """Self- or cross-attention through ``nn.MultiheadAttention`` with packed projections.
 
@@ -823,40 +869,18 @@ def _module_mha(g: ChannelGraph, node: fx.Node, m: nn.MultiheadAttention) -> Non
         if isinstance(mask, fx.Node):
             for key in g._tensor_keys(mask):
                 g.freeze(key, node, "an attention mask")
-    e, h = m.embed_dim, m.num_heads
-    hd = e // h
-    out = _val(node)[0]
-    r = out.dim()
-    w = g.param_key(t, "in_proj_weight", 0)
-    # tokens and batch are not channels: attention mixes tokens, so they stay whole
-    for x in {q, k, v}:
-        for d in range(r - 1):
-            g.freeze(g.key(x, d), node, "attention mixes tokens")
-        g.link(g.key(x, r - 1), g.param_key(t, "in_proj_weight", 1))
-    for d in range(r - 1):
-        g.freeze(g.key(node, d, 0), node, "attention mixes tokens")
-    rows = np.arange(e)
-    # q, k and v rows of one head position go together; heads keep equal sizes
-    pos = rows % hd
-    for part in (1, 2):
-        g.link(w, w, rows, rows + part * e)
-    g.link(w, w, rows, pos)
-    # the input and output widths must stay equal to the inner width
-    g.link(w, g.param_key(t, "in_proj_weight", 1), rows, rows)
-    g.link(g.param_key(t, "out_proj.weight", 1), w, rows, rows + 2 * e)
-    g.link(g.key(node, r - 1, 0), g.param_key(t, "out_proj.weight", 0))
-    g.link(g.param_key(t, "out_proj.weight", 0), w, rows, rows)
-    if m.in_proj_bias is not None:
-        g.link(g.param_key(t, "in_proj_bias", 0), w)
-    if m.out_proj.bias is not None:
-        g.link(g.key(node, r - 1, 0), g.param_key(t, "out_proj.bias", 0))
-    g.consumers.update((g.param_key(t, "in_proj_weight", 1), g.param_key(t, "out_proj.weight", 1)))
-    for key in (w, g.param_key(t, "out_proj.weight", 0)):
-        g.producers.add(key)
-        g.owner[key] = t
-    if isinstance(_val(node)[1], torch.Tensor):
-        for key in g._tensor_keys(node)[r:]:
-            g.freeze(key, node, "attention weights are returned")
+    out_proj = (
+        g.param_key(t, "out_proj.weight", 0),
+        g.param_key(t, "out_proj.bias", 0) if m.out_proj.bias is not None else None,
+    )
+    in_proj = (
+        g.param_key(t, "in_proj_weight", 0),
+        g.param_key(t, "in_proj_bias", 0) if m.in_proj_bias is not None else None,
+    )
+    _packed_attention(
+        g, node, [q, k, v], g.key(node, _val(node)[0].dim() - 1, 0), in_proj, out_proj,
+        m.num_heads, t,
+    )  # fmt: skip
 
 
 def _module_elementwise(g: ChannelGraph, node: fx.Node, m: nn.Module) -> None:
@@ -991,6 +1015,36 @@ def _f_sdpa(g: ChannelGraph, node: fx.Node) -> None:
             g.freeze(key, node, "an attention mask")
 
 
+def _f_swin_attention(g: ChannelGraph, node: fx.Node) -> None:
+    """torchvision's ``shifted_window_attention`` (an fx leaf): packed-projection attention
+    in windows of a channels-last map; its inner width is read from the input's."""
+    x = node.args[0]
+    w = _attr_key(g, _arg(node, 1, "qkv_weight"), 0)
+    wo = _attr_key(g, _arg(node, 2, "proj_weight"), 0)
+    b = _attr_key(g, _arg(node, 9, "qkv_bias"), 0)
+    bo = _attr_key(g, _arg(node, 10, "proj_bias"), 0)
+    heads = int(_concrete(_arg(node, 5, "num_heads")))
+    for i, name in ((3, "relative_position_bias"), (11, "logit_scale")):
+        extra = _arg(node, i, name)
+        if isinstance(extra, fx.Node):
+            for key in g._tensor_keys(extra):
+                g.freeze(key, node, "per-head attention terms")
+    out = g.key(node, _val(node).dim() - 1)
+    _packed_attention(g, node, [x], out, (w, b), (wo, bo), heads, w[1].rpartition(".")[0])
+
+
+def _f_patch_merging_pad(g: ChannelGraph, node: fx.Node) -> None:
+    """torchvision's ``_patch_merging_pad``: pad H and W to even sizes and concatenate the
+    four 2×2 phases along the channels (``… H/2 W/2 4C``)."""
+    x = node.args[0]
+    r, c = _val(x).dim(), _val(x).shape[-1]
+    g.identity(x, node, range(r - 3))
+    g.link(g.key(x, r - 1), g.key(node, r - 1), np.arange(4 * c) % c, None)
+    for d in (r - 3, r - 2):
+        for key in (g.key(x, d), g.key(node, d)):
+            g.freeze(key, node, "patch merging regroups spatial positions")
+
+
 def _f_elementwise_first(g: ChannelGraph, node: fx.Node) -> None:
     g.identity(node.args[0], node)
 
@@ -1028,6 +1082,13 @@ _FUNCTIONAL_RULES: dict[Any, Callable[[ChannelGraph, fx.Node], None]] = {
     F.interpolate: _f_interpolate,
     torch.flatten: lambda g, n: g._move(n),
 }
+try:
+    from torchvision.models import swin_transformer as _swin
+
+    _FUNCTIONAL_RULES[_swin.shifted_window_attention] = _f_swin_attention
+    _FUNCTIONAL_RULES[_swin._patch_merging_pad] = _f_patch_merging_pad
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    pass
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -1049,9 +1110,19 @@ def _zeros_like_fake(a: Any) -> Any:
     return a
 
 
-def _strided(index: Any) -> bool:
+def _strided_dims(index: Any, rank: int) -> list[int]:
+    """Source dims an index slices with a step other than 1."""
     items = index if isinstance(index, tuple) else (index,)
-    return any(isinstance(it, slice) and it.step not in (None, 1) for it in items)
+    explicit = sum(1 for it in items if it is not None and it is not Ellipsis)
+    dims, d = [], 0
+    for it in items:
+        if it is Ellipsis:
+            d += rank - explicit
+        elif it is not None:
+            if isinstance(it, slice) and it.step not in (None, 1):
+                dims.append(d)
+            d += 1
+    return dims
 
 
 def _describe(ir: GraphIR, node: fx.Node) -> str:

@@ -126,6 +126,9 @@ class Estimator:
 
     def _out_keys(self, node: object) -> list[SpaceKey]:
         val = _val(node)
+        if isinstance(val, list | tuple) and val and isinstance(val[0], torch.Tensor):
+            # an attention module's (output, weights): the output's dims
+            return [self.g.key(node, d, 0) for d in range(val[0].dim())]  # type: ignore[arg-type]
         if isinstance(val, torch.Tensor):
             return [self.g.key(node, d) for d in range(val.dim())]  # type: ignore[arg-type]
         return []
@@ -138,6 +141,8 @@ class Estimator:
                 isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1 and not m.transposed
             ):
                 return ("p", f"{target}.weight", 1)
+            if isinstance(m, nn.MultiheadAttention):
+                return ("p", f"{target}.in_proj_weight", 1)
             return None
         weight = _arg(node, 1, "weight") if op == "call_function" else None  # type: ignore[arg-type]
         if weight is not None and getattr(weight, "op", None) == "get_attr":
@@ -153,7 +158,8 @@ class Estimator:
         gone = removed[self.g.comp].astype(np.int64)
         csum = np.concatenate([[0], np.cumsum(gone)])
         lost = csum[self.starts + self.sizes] - csum[self.starts]
-        return (self.sizes - lost) / self.sizes
+        # empty tensors (an attention module's ``None`` weights) keep "all" of nothing
+        return (self.sizes - lost) / np.maximum(self.sizes, 1) + (self.sizes == 0)
 
     def macs(self, removed: np.ndarray) -> float:
         f = self.fractions(removed)

@@ -20,9 +20,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from graphopt import GraphIR
+from graphopt.analyses import FUSED_FLOPS
 
 from .deps import ChannelGraph, SpaceKey, _arg, _val
 
@@ -72,8 +73,9 @@ class _Sizes:
         return int(self.masks[key][:index].sum())
 
 
-def apply_removal(ir: GraphIR, g: ChannelGraph, removed: np.ndarray) -> None:
-    """Remove the atoms flagged in ``removed`` (one bool per component) from ``ir``."""
+def apply_removal(ir: GraphIR, g: ChannelGraph, removed: np.ndarray) -> int:
+    """Remove the atoms flagged in ``removed`` (one bool per component) from ``ir``; return
+    the MACs of the result."""
     masks = keep_masks(g, removed)
     sizes = _Sizes(g, masks)
     _slice_tensors(ir, masks)
@@ -86,7 +88,7 @@ def apply_removal(ir: GraphIR, g: ChannelGraph, removed: np.ndarray) -> None:
         _pin_size_read(node, g, masks)
     ir.gm.recompile()
     ir.invalidate()
-    check_runs(ir)
+    return check_runs(ir)
 
 
 def _slice_tensors(ir: GraphIR, masks: dict[SpaceKey, np.ndarray]) -> None:
@@ -147,18 +149,28 @@ def _update_mha(m: nn.MultiheadAttention) -> None:
     inner = m.in_proj_weight.shape[0] // 3
     if inner == m.embed_dim:
         return
-    old_hd = m.head_dim
     new_hd = inner // m.num_heads
-    # the module scales by 1/sqrt(head_dim): scale the queries so the logits stay the same
-    factor = math.sqrt(new_hd / old_hd)
-    with torch.no_grad():
-        m.in_proj_weight[:inner] *= factor
-        if m.in_proj_bias is not None:
-            m.in_proj_bias[:inner] *= factor
+    _rescale_queries(m.in_proj_weight, m.in_proj_bias, inner, new_hd / m.head_dim)
     m.embed_dim = m.kdim = m.vdim = inner
     m.head_dim = new_hd
     m.out_proj.out_features, m.out_proj.in_features = m.out_proj.weight.shape
 
+
+def _rescale_queries(
+    weight: torch.Tensor, bias: torch.Tensor | None, inner: int, shrink: float
+) -> None:
+    """Attention scaled by ``1/sqrt(head_dim)`` recomputed from the new head size: scale the
+    query rows by ``sqrt(new/old)`` so the logits stay what they were."""
+    with torch.no_grad():
+        weight[:inner] *= math.sqrt(shrink)
+        if bias is not None:
+            bias[:inner] *= math.sqrt(shrink)
+
+
+try:
+    from torchvision.models.swin_transformer import shifted_window_attention as _SWIN_ATTENTION
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    _SWIN_ATTENTION = None
 
 _SIZE_METHODS = {"view", "reshape", "expand"}
 
@@ -186,11 +198,27 @@ def _rewrite_literals(node: fx.Node, sizes: _Sizes) -> None:
         _set_arg(node, 1, "num_groups", sizes.dim(node, 1) // (old_c // groups))
     elif t is F.scaled_dot_product_attention:
         _pin_attention_scale(node, sizes)
+    elif t is _SWIN_ATTENTION:
+        _swin_queries(node, sizes)
     elif t in (F.conv1d, F.conv2d, F.conv3d):
         groups = _arg(node, 6, "groups", 1)
         if isinstance(groups, int) and groups > 1:
             old_c = _val(node).shape[1]
             _set_arg(node, 6, "groups", sizes.dim(node, 1) // (old_c // groups))
+
+
+def _swin_queries(node: fx.Node, sizes: _Sizes) -> None:
+    x = node.args[0]
+    d = _val(x).dim() - 1
+    old, new = _val(x).shape[d], sizes.dim(x, d)
+    if old == new or _arg(node, 11, "logit_scale") is not None:
+        return  # Swin V2's cosine attention has no head-size scale
+    gm = node.graph.owning_module
+    assert gm is not None
+    weight = gm.get_parameter(str(_arg(node, 1, "qkv_weight").target))
+    bias_node = _arg(node, 9, "qkv_bias")
+    bias = gm.get_parameter(str(bias_node.target)) if bias_node is not None else None
+    _rescale_queries(weight, bias, new, new / old)
 
 
 def _pin_attention_scale(node: fx.Node, sizes: _Sizes) -> None:
@@ -334,23 +362,35 @@ def _rewrite_unflatten(node: fx.Node, sizes: _Sizes) -> None:
 
 
 class _Checker(fx.Interpreter):
-    """Runs the graph on fake tensors and says which node fails."""
+    """Runs the graph on real tensors, counting MACs per node and naming a node that fails."""
 
-    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode) -> None:
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode) -> None:
         super().__init__(gm, garbage_collect_values=True)
-        self.mode = mode
+        self.counter = counter
+        self.macs = 0
 
     def run_node(self, n: fx.Node) -> Any:
+        before = self.counter.get_total_flops()
         try:
-            with self.mode:
-                return super().run_node(n)
+            out = super().run_node(n)
         except Exception as exc:
             raise ResizeFailed(n, exc) from exc
+        self.macs += (self.counter.get_total_flops() - before) // 2
+        return out
 
 
-def check_runs(ir: GraphIR) -> None:
-    """Raise :class:`ResizeFailed` naming the first node that no longer runs."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in ir.example_inputs]
-    with torch.no_grad():
-        _Checker(ir.gm, mode).run(*inputs)
+def check_runs(ir: GraphIR) -> int:
+    """Run the resized graph once on the example inputs (eval mode, no grad) and return its
+    MACs, counted as the ``costs`` analysis counts them; raise :class:`ResizeFailed` naming
+    the first node that no longer runs. Real tensors: fake ones cost more per op than the
+    arithmetic does at example-input sizes."""
+    modes = {m: m.training for m in ir.gm.modules()}
+    ir.gm.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=FUSED_FLOPS) as c:
+            checker = _Checker(ir.gm, c)
+            checker.run(*ir.example_inputs)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return checker.macs
