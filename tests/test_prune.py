@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from conftest import randomize_bn
 from graphopt.passes.prune import Prune, analyse
 from graphopt.passes.prune.plan import Selector
@@ -437,3 +438,196 @@ def test_nothing_prunable_is_refused() -> None:
 
 def test_pass_is_registered() -> None:
     assert graphopt.get_registry().pass_class("prune") is Prune
+
+
+# -- criteria ---------------------------------------------------------------------------------
+
+
+class Plain(nn.Module):
+    """conv-bn-relu ×2 and a head: the first conv's 16 channels are ranked by the criteria."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 16)
+        self.b = cbr(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.b(self.a(x)).mean((2, 3)))
+
+
+def kept_rows(before: torch.Tensor, after: torch.Tensor) -> list[int]:
+    return [i for i in range(before.shape[0]) if any(torch.equal(before[i], r) for r in after)]
+
+
+def prune_plain(model: Plain, options: str, data=None) -> GraphIR:
+    result = graphopt.optimize(
+        model.eval(), f"prune({options})", example_inputs=(image(),), data=data
+    )
+    return result.ir
+
+
+WEAK = [1, 4, 6, 9, 10, 12, 13, 15]
+
+
+def weak_model(kind: str) -> Plain:
+    """A model whose channels WEAK of the first conv are the unimportant ones by ``kind``."""
+    torch.manual_seed(0)
+    model = randomize_bn(Plain())
+    conv, bn = model.a[0], model.a[1]
+    with torch.no_grad():
+        if kind == "weights":
+            conv.weight[WEAK] *= 0.01
+            model.b[0].weight[:, WEAK] *= 0.01
+        elif kind == "bn":
+            bn.weight[WEAK] = 1e-3
+        elif kind == "activation":
+            bn.bias[WEAK] = -10.0  # always negative before the ReLU: dead channels
+            bn.bias[[i for i in range(16) if i not in WEAK]] = 3.0
+    return model
+
+
+@pytest.mark.parametrize(
+    "criterion, kind",
+    [
+        ("l1", "weights"),
+        ("l2", "weights"),
+        ("bn_scale", "bn"),
+        ("activation", "activation"),
+        ("apoz", "activation"),
+        ("taylor", "activation"),
+    ],
+)
+def test_criterion_removes_the_unimportant_channels(criterion: str, kind: str) -> None:
+    model = weak_model(kind)
+    data = [(image(8), torch.randint(0, 4, (8,))) for _ in range(2)]
+    ir = prune_plain(model, f"criterion={criterion},round_to=1", data)
+    kept = kept_rows(model.a[0].weight, ir.gm.get_submodule("a.0").weight)
+    assert sorted(set(range(16)) - set(kept)) == WEAK
+
+
+def test_random_criterion_is_seeded() -> None:
+    model = weak_model("weights")
+    runs = []
+    for seed in (0, 0, 1):
+        ir = prune_plain(model, f"criterion=random,seed={seed},round_to=1")
+        runs.append(kept_rows(model.a[0].weight, ir.gm.get_submodule("a.0").weight))
+    assert runs[0] == runs[1] != runs[2] and len(runs[0]) == 8
+
+
+def test_plugin_criterion_through_the_hook(monkeypatch) -> None:
+    from graphopt.passes.prune.importance import Saliency
+
+    class Plugin:
+        @graphopt.hookimpl
+        def graphopt_register_prune_criteria(self, register):
+            # keep the channels with the *smallest* weights: the opposite of l1
+            register(
+                "inverse",
+                lambda ci: Saliency(params={k: 1 / (p.abs() + 1e-6) for k, p in ci.params.items()}),
+            )
+
+    registry = graphopt.load_registry(extra=[Plugin()])
+    monkeypatch.setattr(graphopt, "get_registry", lambda *a, **k: registry)
+    model = weak_model("weights")
+    ir = prune_plain(model, "criterion=inverse,round_to=1")
+    assert kept_rows(model.a[0].weight, ir.gm.get_submodule("a.0").weight) == WEAK
+
+
+def test_data_criteria_need_data() -> None:
+    for criterion in ("activation", "apoz", "taylor"):
+        with pytest.raises(GraphoptError, match=f"criterion '{criterion}' needs data"):
+            prune_plain(weak_model("weights"), f"criterion={criterion}")
+
+
+# -- targets ----------------------------------------------------------------------------------
+
+
+def widths(ir: GraphIR) -> dict[str, int]:
+    return {
+        n.name: ir.module(n).weight.shape[0]
+        for n in ir.nodes(op="call_module")
+        if isinstance(ir.module(n), nn.Conv2d | nn.Linear)
+    }
+
+
+@pytest.mark.parametrize("metric", ["macs", "params"])
+def test_target_is_reached(metric: str) -> None:
+    model = torchvision.models.resnet18(weights=None).eval()
+    result = graphopt.optimize(
+        model, f"prune(target=0.4,metric={metric})", example_inputs=(image(1, 3, 32),)
+    )
+    before, after = result.ledger[0], result.ledger[-1]
+    got = (after.macs / before.macs) if metric == "macs" else (after.params / before.params)
+    assert got == pytest.approx(0.4, abs=0.02)
+    assert after.stats[f"{'MACs' if metric == 'macs' else 'params'} kept %"] == pytest.approx(
+        100 * got, abs=0.01
+    )
+
+
+def test_coarse_groups_miss_the_target_with_a_note(block, block_input) -> None:
+    """In Block, the grouped conv (whole groups) and the attention heads (one position in
+    every head) couple almost every channel into a few atoms: the target cannot be met
+    closely, and the report says so."""
+    result = graphopt.optimize(block, "prune(target=0.6,round_to=1)", example_inputs=block_input)
+    notes = " ".join(result.ledger[-1].notes)
+    assert "instead of the target 60%" in notes
+
+
+def test_round_to_keeps_multiples() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(cbr(3, 48), cbr(48, 40), nn.Conv2d(40, 5, 1)).eval()
+    for round_to, ratio in ((8, 0.3), (16, 0.5)):
+        result = graphopt.optimize(model, f"prune(ratio={ratio},round_to={round_to})",
+                                   example_inputs=(image(),))  # fmt: skip
+        kept = widths(result.ir)
+        assert kept["_0_0"] % round_to == 0 and kept["_1_0"] % round_to == 0, kept
+        assert kept["_0_0"] <= 48 * (1 - ratio) + round_to
+
+
+def test_global_rank_respects_the_layer_maximum() -> None:
+    """Scores are normalised per layer, so global ranking follows each layer's spread: the
+    second conv has 12 near-dead channels and 4 strong ones, the first a flat spread."""
+    torch.manual_seed(0)
+    model = randomize_bn(Plain())
+    with torch.no_grad():
+        model.b[0].weight[4:] *= 1e-3
+        model.b[1].weight[4:] = 1e-3
+        model.head.weight[:, 4:] *= 1e-3
+    for max_ratio, a_kept, b_kept in ((0.75, 12, 4), (0.5, 12, 8)):
+        result = graphopt.optimize(
+            model.eval(),
+            f"prune(ratio=0.5,global_rank=true,max_layer_ratio={max_ratio},round_to=1)",
+            example_inputs=(image(),),
+        )
+        assert widths(result.ir) == {"a_0": a_kept, "b_0": b_kept, "head": 4}
+    uniform = prune_plain(model, "ratio=0.5,round_to=1")
+    assert widths(uniform) == {"a_0": 8, "b_0": 8, "head": 4}
+
+
+def test_ignore_and_steps() -> None:
+    torch.manual_seed(0)
+    model = Plain().eval()
+    ir = prune_plain(model, "ratio=0.5,ignore=[a_*],round_to=1")
+    assert widths(ir)["a_0"] == 16 and widths(ir)["b_0"] == 8
+    one = prune_plain(model, "ratio=0.75,round_to=1")
+    three = prune_plain(model, "ratio=0.75,steps=3,round_to=1")
+    assert widths(one) == widths(three) == {"a_0": 4, "b_0": 4, "head": 4}
+
+
+def test_frozen_groups_are_reported() -> None:
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.b = nn.Conv2d(8, 8, 1)
+            self.c = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.c(self.b(y.cumsum(1)))  # no channel rule for cumsum: y stays whole
+
+    result = graphopt.optimize(Odd().eval(), "prune", example_inputs=(image(),))
+    notes = result.ledger[-1].notes
+    assert any("a whole: at node 'cumsum'" in n and "does not know" in n for n in notes), notes
+    assert widths(result.ir) == {"a": 8, "b": 4, "c": 4}

@@ -257,6 +257,14 @@ class Prune(graphopt.Pass):
         ir.invalidate()
         ctx.stat("MACs kept %", round(100 * result.macs / max(macs0, 1), 2))
         ctx.stat("params kept %", round(100 * ir.total_params() / max(params0, 1), 2))
+        if o.target is not None:
+            base, now = (macs0, result.macs) if o.metric == "macs" else (params0, ir.total_params())
+            if abs(now / max(base, 1) - o.target) > 0.02:
+                ctx.note(
+                    f"kept {100 * now / max(base, 1):.1f}% of the {o.metric} instead of the "
+                    f"target {100 * o.target:.0f}%: the coupled groups are too coarse or too few "
+                    "to get closer (see the frozen groups above)"
+                )
         if result.macs == macs0:
             ctx.note("nothing was removed: every group is frozen or too small")
 

@@ -226,7 +226,8 @@ def atom_scores(g: ChannelGraph, sal: Saliency) -> np.ndarray:
         if t is None or t.dim() <= d or t.shape[d] != size:
             continue
         dims = [i for i in range(t.dim()) if i != d]
-        v = (t.float().sum(dim=dims) if dims else t.float()).double().numpy()
+        t = t.detach().float()
+        v = (t.sum(dim=dims) if dims else t).double().numpy()
         mean = v.mean()
         v = v / mean if mean > 0 else np.ones_like(v)
         np.add.at(total, comps, v)
@@ -246,14 +247,17 @@ def scorer(
             f"unknown pruning criterion '{criterion}'; choose one of {', '.join(sorted(table))}"
         )
     assert g.comp is not None and g.prunable is not None
+    # the weights of layers (their rows and columns) and normalisation scales: biases and
+    # running statistics say little about a channel's importance
+    weights = {k[1] for k in g.producers | g.consumers | g.norm_scales}
     params = {}
     nodes = set()
     for key, (start, size) in g.spaces.items():
         if not g.prunable[g.comp[start : start + size]].any():
             continue
-        if key[0] == "p":
+        if key[0] == "p" and key[1] in weights:
             params[key[1]] = g.tensor(key[1])
-        else:
+        elif key[0] == "n":
             nodes.add(key[1])
     norm = {k[1] for k in g.norm_scales}
     ci = CriterionInput(g.ir, params, sorted(nodes), data, seed, norm)

@@ -85,7 +85,8 @@ class Selector:
             chosen[cut] = True
         for gr in self.groups:
             n = len(gr.atoms)
-            k = int(chosen[gr.atoms].sum()) if self.global_rank else int(ratio * n)
+            # nearest count, so that steps compound to the ratio asked for
+            k = int(chosen[gr.atoms].sum()) if self.global_rank else int(ratio * n + 0.5)
             k = self._count(gr, k)
             removed[gr.atoms[:k]] = True
         return removed
