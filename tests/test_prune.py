@@ -631,3 +631,53 @@ def test_frozen_groups_are_reported() -> None:
     notes = result.ledger[-1].notes
     assert any("a whole: at node 'cumsum'" in n and "does not know" in n for n in notes), notes
     assert widths(result.ir) == {"a": 8, "b": 4, "c": 4}
+
+
+# -- accuracy on real data --------------------------------------------------------------------
+
+
+def digits() -> tuple[torch.Tensor, ...]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    return x[:1400], y[:1400], x[1400:], y[1400:]
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=gen).split(64):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def test_digits_accuracy_after_pruning_half_the_macs() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        cbr(1, 32), cbr(32, 64), nn.MaxPool2d(2), cbr(64, 64), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(64, 10),
+    )  # fmt: skip
+    xtr, ytr, xte, yte = digits()
+    train(model, xtr, ytr, epochs=8, lr=3e-3)
+    base = accuracy(model, xte, yte)
+    assert base > 0.95
+    result = graphopt.optimize(
+        model, "prune(target=0.5)", example_inputs=(xtr[:1],), data=[(xtr[:256], ytr[:256])]
+    )
+    assert result.ledger[-1].macs / result.ledger[0].macs == pytest.approx(0.5, abs=0.05)
+    pruned = result.ir.gm
+    train(pruned, xtr, ytr, epochs=3, lr=1e-3)
+    assert accuracy(pruned, xte, yte) >= base - 0.02

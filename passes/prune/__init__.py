@@ -86,8 +86,10 @@ def prune_once(
             global_rank=global_rank,
         )  # fmt: skip
         est = Estimator(ir, g)
-        chosen = ratio if goal is None else _search(sel, est, metric, goal)
-        removed = sel.removal(chosen)
+        if goal is None:
+            chosen, removed = ratio, sel.removal(ratio)
+        else:
+            chosen, removed = _search(sel, est, metric, goal)
         work = ir.copy()
         try:
             macs = apply_removal(work, g, removed)
@@ -117,8 +119,10 @@ def _measure(est: Estimator, metric: str, removed: np.ndarray) -> float:
     return est.macs(removed) if metric == "macs" else est.params(removed)
 
 
-def _search(sel: Selector, est: Estimator, metric: str, goal: float) -> float:
-    """The smallest ratio whose estimated MACs/params are at or below ``goal``."""
+def _search(sel: Selector, est: Estimator, metric: str, goal: float) -> tuple[float, np.ndarray]:
+    """The removal whose estimated MACs/params are closest to ``goal``: bisection on the
+    ratio, then one more rounding step in any single group (uniform ratios move every group
+    at once, in steps too coarse for small models)."""
     hi = 1.0
     if _measure(est, metric, sel.removal(hi)) > goal * (1 + _TOL):
         reach = _measure(est, metric, sel.removal(hi))
@@ -137,7 +141,10 @@ def _search(sel: Selector, est: Estimator, metric: str, goal: float) -> float:
             hi = mid
         if hi - lo < 1e-4:
             break
-    return hi
+    candidates = [sel.counts(hi), *sel.one_more_step(sel.counts(lo))]
+    masks = [sel.mask(c) for c in candidates]
+    best = min(masks, key=lambda m: abs(_measure(est, metric, m) - goal))
+    return hi, best
 
 
 _Trial = tuple[float, np.ndarray, GraphIR, int]
@@ -168,10 +175,9 @@ def _correct(
         # the estimate is off by a factor; aim the estimate at the corrected goal
         corrected = goal * _measure(est, metric, removed) / max(real, 1)
         try:
-            ratio = _search(sel, est, metric, corrected)
+            ratio, candidate = _search(sel, est, metric, corrected)
         except GraphoptError:
             break
-        candidate = sel.removal(ratio)
         attempt = ir.copy()
         try:
             aim = (ratio, candidate, attempt, apply_removal(attempt, g, candidate))

@@ -77,19 +77,40 @@ class Selector:
         floor = max(1, n - int(self.max_layer_ratio * n))
         return n - max(keep, floor)
 
-    def removal(self, ratio: float) -> np.ndarray:
-        removed = np.zeros(self.ncomp, dtype=bool)
+    def counts(self, ratio: float) -> list[int]:
+        """How many atoms each group loses at ``ratio`` (rounded and capped)."""
         if self.global_rank:
-            cut = self.order[: int(ratio * len(self.order))]
             chosen = np.zeros(self.ncomp, dtype=bool)
-            chosen[cut] = True
+            chosen[self.order[: int(ratio * len(self.order))]] = True
+        out = []
         for gr in self.groups:
-            n = len(gr.atoms)
             # nearest count, so that steps compound to the ratio asked for
-            k = int(chosen[gr.atoms].sum()) if self.global_rank else int(ratio * n + 0.5)
-            k = self._count(gr, k)
+            k = (
+                int(chosen[gr.atoms].sum())
+                if self.global_rank
+                else int(ratio * len(gr.atoms) + 0.5)
+            )
+            out.append(self._count(gr, k))
+        return out
+
+    def one_more_step(self, counts: list[int]) -> list[list[int]]:
+        """Every count vector that removes one more rounding step from a single group."""
+        out = []
+        for i, gr in enumerate(self.groups):
+            k = self._count(gr, counts[i] + gr.step)
+            if k > counts[i]:
+                out.append([*counts[:i], k, *counts[i + 1 :]])
+        return out
+
+    def mask(self, counts: list[int]) -> np.ndarray:
+        """Removal mask (one bool per component) of the least important atoms per group."""
+        removed = np.zeros(self.ncomp, dtype=bool)
+        for gr, k in zip(self.groups, counts, strict=True):
             removed[gr.atoms[:k]] = True
         return removed
+
+    def removal(self, ratio: float) -> np.ndarray:
+        return self.mask(self.counts(ratio))
 
 
 class Estimator:
