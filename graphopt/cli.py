@@ -270,10 +270,24 @@ def _progress() -> Progress:
 
 @app.command()
 def inspect(
+    ctx: typer.Context,
     model: Model,
-    format: Annotated[str, typer.Option("--format", "-f", help="table, json or dot.")] = "table",
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="table, json, dot, svg or html.")
+    ] = "table",
     output: Annotated[
         str | None, typer.Option("-o", "--output", help="Write to this file instead of stdout.")
+    ] = None,
+    compare: Annotated[
+        str | None,
+        typer.Option("--compare", help="Show MODEL as the result of OTHER: colour what changed."),
+    ] = None,
+    passes: Annotated[
+        str | None,
+        typer.Option("--passes", help="Run this pipeline first and show its result against MODEL."),
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="Data for the --passes pipeline.")
     ] = None,
     weights: Weights = None,
     trust_pickle: Trust = False,
@@ -282,51 +296,41 @@ def inspect(
     leaf_module: Leaves = None,
     concrete_arg: Concrete = None,
 ) -> None:
-    """Show MODEL's graph: nodes with shapes, params and MACs."""
+    """Show MODEL's graph: nodes with shapes, params and MACs; as a picture or a page."""
     from .report import write_text_atomic
+    from .views import FORMATS, render
 
-    if format not in ("table", "json", "dot"):
-        raise GraphoptError(f"--format must be table, json or dot, not '{format}'")
+    if format not in FORMATS:
+        raise GraphoptError(f"--format must be {', '.join(FORMATS)}, not '{format}'")
+    if compare and passes:
+        raise GraphoptError("give --compare or --passes, not both")
     if output:
         check_output_file(output)
-    ir = _load(model, weights, trust_pickle, input_shape, input_dtype, leaf_module, concrete_arg)
+    load_args = (trust_pickle, input_shape, input_dtype, leaf_module, concrete_arg)
+    ir = _load(model, weights, *load_args)
+    before = None
+    if compare:
+        before = _load(compare, None, *load_args)
+    elif passes:
+        from .loading import load_data
+        from .manager import PassManager
+
+        manager = PassManager(passes, registry=_registry(ctx), console=_console(stderr=True))
+        before = ir
+        ir = manager.run(ir, data=load_data(data) if data else None).ir
     if format == "table":
+        table = ir.summary()
         if output:
             with open(output, "w") as f:
-                Console(file=f, width=160).print(ir.summary())
+                Console(file=f, width=160).print(table)
         else:
-            _console().print(ir.summary())
+            _console().print(table)
         return
-    if format == "json":
-        text = json.dumps(
-            {
-                "source": ir.source,
-                "total_params": ir.total_params(),
-                "total_macs": ir.total_macs(),
-                "nodes": ir.rows(),
-            },
-            indent=2,
-        )
-    else:
-        text = _dot(ir)
+    text = render(ir, format, before)
     if output:
         write_text_atomic(output, text)
     else:
         sys.stdout.write(text + "\n")
-
-
-def _dot(ir: Any) -> str:
-    from networkx.drawing.nx_pydot import to_pydot
-
-    g = ir.to_networkx()
-    for name, attrs in g.nodes(data=True):
-        shape = "×".join(map(str, attrs["shape"])) if attrs.get("shape") else ""
-        label = f"{name}\\n{attrs.get('module') or attrs.get('target')}\\n{shape}"
-        for key in list(attrs):
-            attrs.pop(key)
-        attrs["label"] = f'"{label}"'
-        attrs["shape"] = "box"
-    return to_pydot(g).to_string()
 
 
 @app.command()

@@ -106,6 +106,11 @@ class ModelReport:
     metadata: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
+    def _repr_html_(self) -> str:
+        from .report import report_html
+
+        return report_html([self])
+
     def to_json(self) -> dict[str, Any]:
         """Plain data for ``--json``: the figures, notes, and the stored ledger if any."""
         data = asdict(self)

@@ -3,10 +3,11 @@ machines."""
 
 from __future__ import annotations
 
+import html
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -19,10 +20,12 @@ if TYPE_CHECKING:
     from .profiling import ModelReport
 
 __all__ = [
+    "Report",
     "artifact_line",
     "human",
     "ledger_table",
     "print_report",
+    "report_html",
     "report_json",
     "report_table",
     "write_text_atomic",
@@ -83,15 +86,13 @@ def _ratio(a: Any, b: Any) -> str:
     return f"{b / a:.3f}×" if a and b is not None else "—"
 
 
-def report_table(reports: list[ModelReport], agreement: Deviation | None = None) -> Table:
-    """Rows of measurements, one column per model, and B/A ratios when there are two."""
-    table = Table(title="graphopt report")
-    table.add_column("")
-    for r in reports:
-        table.add_column(r.source, justify="right")
+def _report_cells(
+    reports: list[ModelReport], agreement: Deviation | None
+) -> tuple[list[str], list[list[str]], list[str]]:
+    """Header, rows and caption lines of a report: the one source of the rich table, the
+    HTML table and nothing else."""
     pair = len(reports) == 2
-    if pair:
-        table.add_column("B/A", justify="right")
+    header = ["", *(r.source for r in reports), *(["B/A"] if pair else [])]
     rows: list[tuple[str, list[Any], Callable[[Any], str]]] = [
         ("params", [r.params for r in reports], human),
         ("MACs", [r.macs for r in reports], human),
@@ -99,12 +100,11 @@ def report_table(reports: list[ModelReport], agreement: Deviation | None = None)
         ("eager CPU latency", [r.latency for r in reports], _latency),
         ("onnxruntime latency", [r.ort_latency for r in reports], _latency),
     ]
+    body = []
     for label, values, fmt in rows:
         cells = [fmt(v) if v is not None else "—" for v in values]
-        if pair:
-            cells.append(_ratio(*values))
-        table.add_row(label, *cells)
-    table.add_row("size of", *[r.size_kind for r in reports], *([""] if pair else []))
+        body.append([label, *cells, *([_ratio(*values)] if pair else [])])
+    body.append(["size of", *[r.size_kind for r in reports], *([""] if pair else [])])
     captions = []
     if agreement is not None:
         top1 = f"{100 * agreement.top1:.1f}%" if agreement.top1 is not None else "—"
@@ -118,9 +118,59 @@ def report_table(reports: list[ModelReport], agreement: Deviation | None = None)
             f"latency: median [quartiles] of {timed.runs} runs after {timed.warmup} warm-up, "
             f"{timed.threads} threads"
         )
+    return header, body, captions
+
+
+def report_table(reports: list[ModelReport], agreement: Deviation | None = None) -> Table:
+    """Rows of measurements, one column per model, and B/A ratios when there are two."""
+    header, body, captions = _report_cells(reports, agreement)
+    table = Table(title="graphopt report")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in body:
+        table.add_row(*row)
     table.caption = escape("\n".join(captions)) or None
     table.caption_justify = "left"
     return table
+
+
+def report_html(reports: list[ModelReport], agreement: Deviation | None = None) -> str:
+    """The same report as an HTML table (for Jupyter)."""
+    header, body, captions = _report_cells(reports, agreement)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rows = "".join(
+        "<tr>"
+        + "".join(
+            f'<td style="text-align:{"left" if i == 0 else "right"}">{html.escape(c)}</td>'
+            for i, c in enumerate(row)
+        )
+        + "</tr>"
+        for row in body
+    )
+    caption = "<br>".join(html.escape(c) for c in captions)
+    return (
+        f"<table><caption>graphopt report</caption><thead><tr>{head}</tr></thead>"
+        f"<tbody>{rows}</tbody></table><p><small>{caption}</small></p>"
+    )
+
+
+@dataclass
+class Report:
+    """Measurements of one or two models (and their agreement), shown as a rich table in a
+    terminal and as an HTML table in Jupyter."""
+
+    models: list[ModelReport]
+    agreement: Deviation | None = None
+
+    def __rich__(self) -> Table:
+        return report_table(self.models, self.agreement)
+
+    def _repr_html_(self) -> str:
+        return report_html(self.models, self.agreement)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``graphopt report --json`` document."""
+        return report_json(self.models, self.agreement)
 
 
 def artifact_line(report: ModelReport) -> str | None:
@@ -191,6 +241,9 @@ def write_text_atomic(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
