@@ -32,9 +32,20 @@ from .errors import GraphoptError, first_line
 from .hookspecs import hookimpl
 from .manager import deviation, run_model
 
-__all__ = ["Exporter", "check_output", "lower", "pick_exporter", "read_metadata"]
+__all__ = [
+    "ARTIFACT_TOLERANCE",
+    "Exporter",
+    "check_output",
+    "lower",
+    "pick_exporter",
+    "read_metadata",
+]
 
 METADATA_NAME = "graphopt.json"
+#: ``GraphModule.meta`` key a pass may set to widen the artifact check for its model: the
+#: largest relative error it accepts between the artifact and the in-memory model (e.g. an
+#: int8 model that another runtime's int8 kernels round differently)
+ARTIFACT_TOLERANCE = "graphopt.artifact_tolerance"
 
 
 @dataclass(frozen=True)
@@ -412,10 +423,11 @@ def verify(
     flat_expected = [t for t in pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
     flat_got = [t for t in pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
     dev = deviation(flat_got, flat_expected)
-    if dev.rel_err > exporter.tolerance:
+    tolerance = max(exporter.tolerance, float(gm.meta.get(ARTIFACT_TOLERANCE, 0.0)))
+    if dev.rel_err > tolerance:
         raise GraphoptError(
             f"the written {exporter.name} artifact does not reproduce the model (relative error "
-            f"{dev.rel_err:.2e} > {exporter.tolerance:.0e}); nothing was written"
+            f"{dev.rel_err:.2e} > {tolerance:.0e}); nothing was written"
         )
     return {"format": exporter.name, "max_abs_err": dev.max_abs_err, "rel_err": dev.rel_err}
 
