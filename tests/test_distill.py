@@ -9,6 +9,7 @@ OUT``) this module is the DDP worker the last test launches.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -75,6 +76,14 @@ def digits(n_train: int = 1200, batch: int = 60, shuffle: bool = True):
     train_set = torch.utils.data.TensorDataset(x[:n_train], y[:n_train])
     train = torch.utils.data.DataLoader(train_set, batch_size=batch, shuffle=shuffle)
     return train, [(x[n_train:], y[n_train:])]
+
+
+def digits_splits(batch: int = 50):
+    """load_digits as train (1100, shuffled DataLoader), validation (300, for early stopping)
+    and test (397, for the accuracies reported), each of the last two one batch."""
+    train, rest = digits(n_train=1100, batch=batch)
+    x, y = rest[0]
+    return train, [(x[:300], y[:300])], [(x[300:], y[300:])]
 
 
 def train_classifier(model: nn.Module, loader, epochs: int = 10, lr: float = 3e-3) -> nn.Module:
@@ -270,6 +279,62 @@ def test_distill_recovers_a_hand_pruned_student(trained):
     assert run.stats["val accuracy after"] == pytest.approx(acc_after)
     assert run.stats["feature pairs"] == 3  # channel counts differ: three 1×1 adapters
     assert accuracy(student, val) == acc_before  # the caller's student is untouched
+
+
+def test_prune_to_40_percent_of_the_macs_then_distill_to_within_a_point_of_the_teacher():
+    """The headline: a trained CNN pruned to 40 % of its MACs loses most of its accuracy;
+    distilling from the original in the same pipeline brings it back within one point."""
+    torch.manual_seed(0)
+    train, val, test = digits_splits()
+    teacher = train_classifier(DigitsNet(32), train)
+    x = (test[0][0][:1],)
+    prune = "prune(target=0.4,round_to=1)"
+    pruned = graphopt.optimize(teacher, prune, example_inputs=x)
+    result = graphopt.optimize(
+        teacher,
+        f"{prune},distill(epochs=15,lr=3e-3,patience=5,progress=false)",
+        example_inputs=x,
+        data=(train, val),
+    )
+    macs = result.ledger[-1].macs / result.ledger[0].macs
+    acc = [accuracy(m, test) for m in (teacher, pruned.ir.gm, result.ir.gm)]
+    print(f"MACs {macs:.3f}; test accuracy teacher {acc[0]:.4f} pruned {acc[1]:.4f} "
+          f"distilled {acc[2]:.4f}")  # fmt: skip
+    assert 0.38 <= macs <= 0.42
+    assert acc[0] > 0.97
+    assert acc[1] < acc[0] - 0.3  # one-shot pruning to 40 % really hurts
+    assert acc[2] >= acc[0] - 0.01
+    stats = result.ledger[-1].stats
+    assert (
+        stats["feature pairs"] == 3 and stats["val accuracy after"] > stats["val accuracy before"]
+    )
+    assert accuracy(teacher, test) == acc[0]  # the caller's model is untouched
+
+
+def test_iterative_prune_and_recover_schedule(trained):
+    teacher, train, val = trained
+    x = (val[0][0][:1],)
+    result = graphopt.optimize(
+        teacher,
+        'distill(prune_targets=[0.7,0.4],prune="prune(round_to=1)",epochs=4,lr=3e-3,'
+        "patience=0,progress=false)",
+        example_inputs=x,
+        data=(train, val),
+    )
+    entry = result.ledger[-1]
+    assert 0.38 <= entry.macs / result.ledger[0].macs <= 0.42
+    assert entry.stats["epochs"] == 8
+    rounds = [
+        float(m) for m in re.findall(r"round \d: ([\d.]+)% of the MACs", " ".join(entry.notes))
+    ]
+    assert len(rounds) == 2 and 68 <= rounds[0] <= 72 and 38 <= rounds[1] <= 42, entry.notes
+    assert accuracy(result.ir.gm, val) >= accuracy(teacher, val) - 0.02
+    with pytest.raises(GraphoptError, match="has no 'target' option"):
+        graphopt.optimize(teacher, 'distill(prune_targets=[0.5],prune="fold")',
+                          example_inputs=x, data=(train, val))  # fmt: skip
+    with pytest.raises(GraphoptError, match="must name one pruning step"):
+        graphopt.optimize(teacher, 'distill(prune_targets=[0.5],prune="prune,prune")',
+                          example_inputs=x, data=(train, val))  # fmt: skip
 
 
 def test_block_model_distils_through_every_structure(block, block_input):

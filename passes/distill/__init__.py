@@ -120,6 +120,9 @@ class Distill(graphopt.Pass):
             check=lambda v: all(_fraction(x) for x in v) and list(v) == sorted(v, reverse=True),
             check_msg="decreasing fractions in (0, 1]",
         )
+        prune: str = graphopt.option(
+            "prune", "the pruning step of a prune_targets schedule, e.g. prune(criterion=l2)"
+        )
         checkpoint: str | None = graphopt.option(None, "folder for a checkpoint every epoch")
         resume: bool = graphopt.option(False, "continue from the checkpoint if there is one")
         device: str = graphopt.option("auto", "cpu, cuda, cuda:N, or auto (GPU when there is one)")
@@ -148,12 +151,12 @@ class Distill(graphopt.Pass):
             self._report(fit(ir.gm, ctx.reference, train, val, o, extra_losses=extras,
                              console=ctx.console), ctx, "")  # fmt: skip
             return
-        prune = _prune_pass(self.registry)
+        prune, prune_options = _prune_step(o.prune, self.registry)
         macs0 = ir.total_macs()
         for k, target in enumerate(o.prune_targets, 1):
             relative = target * macs0 / max(ir.total_macs(), 1)
             if relative < 1:
-                step = prune(prune.parse_options({"target": relative}))
+                step = prune(prune.parse_options({**prune_options, "target": relative}))
                 sub = PassContext(
                     probe_inputs=ctx.probe_inputs, reference=ctx.reference, data=ctx.data,
                     console=ctx.console,
@@ -186,14 +189,26 @@ class Distill(graphopt.Pass):
             )
 
 
-def _prune_pass(registry: graphopt.Registry | None) -> type[graphopt.Pass]:
-    reg = registry or graphopt.get_registry()
-    if "prune" not in reg.passes:
+def _prune_step(
+    text: str, registry: graphopt.Registry | None
+) -> tuple[type[graphopt.Pass], dict[str, Any]]:
+    """The pass class and options of the ``prune`` option's step (validated up front)."""
+    from graphopt.pipeline import parse
+
+    steps = parse(text)
+    if len(steps) != 1:
         raise GraphoptError(
-            "distill(prune_targets=…) needs the prune pass, which is not registered; "
-            "drop prune_targets or install a plugin that provides 'prune'"
+            f"distill(prune={text!r}) must name one pruning step, e.g. prune(criterion=l2)"
         )
-    return reg.passes["prune"]
+    reg = registry or graphopt.get_registry()
+    cls = reg.pass_class(steps[0].name)
+    if "target" not in {spec.name for spec in cls.option_specs()}:
+        raise GraphoptError(
+            f"distill(prune={text!r}) names pass '{cls.name}', which has no 'target' option; "
+            "give a pass that prunes to a fraction of the MACs, such as prune"
+        )
+    cls.parse_options(steps[0].options)
+    return cls, dict(steps[0].options)
 
 
 class BNRecal(graphopt.Pass):

@@ -419,7 +419,7 @@ def _fit(
                 }
             )
             ranks.barrier()
-            if o.patience > 0 and bad >= o.patience:
+            if o.patience > 0 and bad >= o.patience and epoch + 1 < o.epochs:
                 notes.append(
                     f"stopped early after epoch {epoch + 1}: no better {result.metric} for "
                     f"{o.patience} epochs"
