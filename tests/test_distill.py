@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, Block, randomize_bn, run_main
 from graphopt.passes.distill import (
+    Distill,
+    TrainVal,
     adapter,
     block_outputs,
     ce_loss,
@@ -125,13 +127,15 @@ def shrink(teacher: DigitsNet, keep: float) -> DigitsNet:
     return student
 
 
-def test_docstring_example_runs():
+def test_docstring_examples_run():
     import doctest
 
     import graphopt.passes.distill as package
+    from graphopt.passes.distill import data
 
-    failures, tried = doctest.testmod(package)
-    assert tried and not failures
+    for module in (package, data):
+        failures, tried = doctest.testmod(module)
+        assert tried and not failures, module.__name__
 
 
 # -- losses against hand computations ----------------------------------------------------------
@@ -422,6 +426,27 @@ def test_bad_options_and_data_are_one_sentence(trained):
         distill(student, teacher, [(x[0], x[0], x[0])], example_inputs=x)
     with pytest.raises(GraphoptError, match="without a 'train' entry"):
         distill(student, teacher, {"val": val}, example_inputs=x)
+
+
+class _CountBatches(graphopt.Pass):
+    """Reads ctx.data as plain batches, as calibrating passes do."""
+
+    name = "count_batches"
+    summary = "count the data's batches"
+
+    def run(self, ir: GraphIR, ctx: PassContext) -> None:
+        for inputs, _ in ctx.data:
+            ctx.stat("batches")
+            ctx.stat("samples", len(inputs))
+
+
+def test_trainval_is_plain_batches_to_other_passes_and_carries_validation(trained):
+    teacher, train, val = trained
+    ir = GraphIR.trace(teacher, (val[0][0][:1],))
+    steps = [_CountBatches(), Distill(Distill.parse_options({"epochs": 1, "progress": False}))]
+    result = PassManager(steps, reproducer=False).run(ir, data=TrainVal(train, val))
+    assert result.ledger[1].stats == {"batches": len(train), "samples": 1200}
+    assert "teacher val accuracy" in result.ledger[2].stats
 
 
 def _logit_l2(inputs):

@@ -33,7 +33,7 @@ import graphopt
 from graphopt import GraphIR, GraphoptError, PassContext
 
 from .bnrecal import recalibrate_bn
-from .data import NO_DATA, split_batch, train_val
+from .data import NO_DATA, TrainVal, split_batch, train_val
 from .loop import FitResult, evaluate, fit, logits_of
 from .losses import LossFn, LossInputs, adapter, ce_loss, feature_loss, kd_loss, plugin_losses
 from .pairing import Pair, block_outputs, pair_nodes, tap
@@ -47,6 +47,7 @@ __all__ = [
     "LossFn",
     "LossInputs",
     "Pair",
+    "TrainVal",
     "adapter",
     "block_outputs",
     "ce_loss",

@@ -5,7 +5,9 @@ may be
 
 * one loader — an iterable of batches, used for training, with no validation;
 * a pair ``(train, val)`` of loaders;
-* a mapping with a ``"train"`` and optionally a ``"val"`` loader.
+* a mapping with a ``"train"`` and optionally a ``"val"`` loader;
+* a :class:`TrainVal`, which iterates as its training batches, so that other passes of the
+  same pipeline that read plain batches (``quant`` calibrating, ``bnrecal``) can share it.
 
 A batch is a tuple (or list) of the model's inputs, optionally followed by one more item,
 the labels; a bare tensor is the single input of a one-input model.
@@ -13,19 +15,39 @@ the labels; a bare tensor is the single input of a one-input model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from graphopt import GraphoptError
 
-__all__ = ["NO_DATA", "split_batch", "train_val"]
+__all__ = ["NO_DATA", "TrainVal", "split_batch", "train_val"]
 
 NO_DATA = (
     "distill needs training data and got none; pass data=(train_loader, val_loader) from "
     "Python or --data package.module:callable on the command line"
 )
+
+
+@dataclass
+class TrainVal:
+    """Training and validation loaders that iterate (and count) as the training batches.
+
+    >>> data = TrainVal([(1,), (2,)], [(3,)])
+    >>> list(data), len(data), train_val(data)[1]
+    ([(1,), (2,)], 2, [(3,)])
+    """
+
+    train: Iterable[Any]
+    val: Iterable[Any] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.train)
+
+    def __len__(self) -> int:
+        return len(self.train)  # type: ignore[arg-type]
 
 
 def _is_batch(obj: Any) -> bool:
@@ -42,6 +64,8 @@ def train_val(data: Any) -> tuple[Iterable[Any], Iterable[Any] | None]:
     """The training loader and the validation loader (or None) in ``data``."""
     if data is None:
         raise GraphoptError(NO_DATA)
+    if isinstance(data, TrainVal):
+        return data.train, data.val
     if isinstance(data, Mapping):
         if "train" not in data:
             raise GraphoptError(
