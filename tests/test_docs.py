@@ -48,12 +48,14 @@ def test_every_cli_command_is_documented():
         assert f"`{name}" in cli_doc, f"command {name} missing from docs/cli.md"
 
 
-@pytest.mark.parametrize("script", ["custom_pass.py", "inspect_and_optimize.py"])
+@pytest.mark.parametrize("script", ["custom_pass.py", "inspect_and_optimize.py", "quant_digits.py"])
 def test_examples_run(script, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = [script]
     if script == "inspect_and_optimize.py":
         args += ["torchvision:mobilenet_v3_small", "cleanup", str(tmp_path / "m.pt2")]
+    if script == "quant_digits.py":
+        args += [str(tmp_path)]  # trains a digits CNN, writes int8 .pt and .onnx
     monkeypatch.setattr(sys, "argv", args)
     runpy.run_path(str(ROOT / "examples" / script), run_name="__main__")
     out = capsys.readouterr().out

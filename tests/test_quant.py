@@ -197,7 +197,7 @@ def test_random_calibration_warns(block, block_input):
     assert any("random inputs" in n for n in result.ledger[-1].notes)
 
 
-@pytest.mark.parametrize("observer", ["moving_average", "percentile", "mse"])
+@pytest.mark.parametrize("observer", ["minmax", "moving_average", "percentile"])
 def test_other_observers_end_to_end(block, block_input, observer):
     data = batches((4, 3, 8, 8))
     gm = quantize(block, block_input[0], f"quant(observer={observer})", data).ir.gm

@@ -114,7 +114,7 @@ class Quant(graphopt.Pass):
             "static", "static: calibrated activations; dynamic: int8 Linear/LSTM only"
         )
         observer: Literal["minmax", "moving_average", "percentile", "mse"] = graphopt.option(
-            "minmax", "how calibration picks each activation's range"
+            "mse", "how calibration picks each activation's range"
         )
         percentile: float = graphopt.option(
             99.99,
