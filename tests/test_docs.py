@@ -59,6 +59,6 @@ def test_examples_run(script, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", args)
     runpy.run_path(str(ROOT / "examples" / script), run_name="__main__")
     out = capsys.readouterr().out
-    assert "ledger" in out or "→" in out or "custom pass" in out
+    assert "ledger" in out or "→" in out or "custom pass" in out or "int8 accuracy" in out
     if script == "custom_pass.py":
         assert "'relu6 rewritten': 35" in out
