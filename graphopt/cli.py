@@ -289,6 +289,10 @@ def inspect(
     data: Annotated[
         str | None, typer.Option("--data", help="Data for the --passes pipeline.")
     ] = None,
+    plot: Annotated[
+        str | None,
+        typer.Option("--plot", help="With --passes/--compare: chart of channels per layer (PNG)."),
+    ] = None,
     weights: Weights = None,
     trust_pickle: Trust = False,
     input_shape: Shapes = None,
@@ -304,8 +308,11 @@ def inspect(
         raise GraphoptError(f"--format must be {', '.join(FORMATS)}, not '{format}'")
     if compare and passes:
         raise GraphoptError("give --compare or --passes, not both")
-    if output:
-        check_output_file(output)
+    if plot and not (compare or passes):
+        raise GraphoptError("--plot charts a before/after pair; give --passes or --compare too")
+    for path in (output, plot):
+        if path:
+            check_output_file(path)
     load_args = (trust_pickle, input_shape, input_dtype, leaf_module, concrete_arg)
     ir = _load(model, weights, *load_args)
     before = None
@@ -318,6 +325,10 @@ def inspect(
         manager = PassManager(passes, registry=_registry(ctx), console=_console(stderr=True))
         before = ir
         ir = manager.run(ir, data=load_data(data) if data else None).ir
+    if plot and before is not None:
+        from .plots import plot_channels
+
+        plot_channels(before, ir, plot)
     if format == "table":
         table = ir.summary()
         if output:

@@ -100,11 +100,12 @@ class ModelReport:
     params: int | None
     macs: int | None
     size_bytes: int
-    size_kind: str  # "file" or "in memory"
+    size_kind: str  # "file" or "weights in memory"
     latency: Latency | None
     ort_latency: Latency | None
     metadata: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    weights_bytes: int | None = None  # parameters and buffers (ONNX: initializers)
 
     def _repr_html_(self) -> str:
         from .report import report_html
@@ -282,11 +283,28 @@ def _onnx_latency(loaded: Loaded, runs: int, warmup: int, notes: list[str]) -> L
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _onnx_params(path: str) -> int:
+def _onnx_weights(path: str) -> tuple[int, int]:
+    """Elements and bytes of an ONNX model's initializers."""
     import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
 
     model = onnx.load(path)
-    return sum(math.prod(t.dims) for t in model.graph.initializer)
+    count = nbytes = 0
+    for t in model.graph.initializer:
+        n = math.prod(t.dims)
+        count += n
+        nbytes += n * tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return count, nbytes
+
+
+def _state_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each storage counted once."""
+    seen: dict[int, int] = {}
+    for t in module.state_dict(keep_vars=True).values():
+        if isinstance(t, torch.Tensor):
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
 
 
 def measure(loaded: Loaded, *, runs: int = 20, warmup: int = 3, onnx: bool = True) -> ModelReport:
@@ -302,16 +320,14 @@ def measure(loaded: Loaded, *, runs: int = 20, warmup: int = 3, onnx: bool = Tru
         params, macs = loaded.ir.total_params(), loaded.ir.total_macs()
     elif loaded.module is not None:
         params = sum(p.numel() for p in loaded.module.parameters())
+    weights = _state_bytes(loaded.module) if loaded.module is not None else None
     if os.path.exists(loaded.source):
         size, size_kind = _size_on_disk(loaded.source), "file"
-    elif loaded.module is not None:
-        state = loaded.module.state_dict().values()
-        size, size_kind = sum(t.numel() * t.element_size() for t in state), "in memory"
     else:
-        size, size_kind = 0, "unknown"
+        size, size_kind = weights or 0, "weights in memory"
     latency = ort = None
     if loaded.onnx_path is not None:
-        params = _onnx_params(loaded.onnx_path)
+        params, weights = _onnx_weights(loaded.onnx_path)
         ort = time_callable(lambda: loaded(*loaded.inputs), runs=runs, warmup=warmup)
     else:
         latency = time_callable(lambda: loaded(*loaded.inputs), runs=runs, warmup=warmup)
@@ -320,7 +336,7 @@ def measure(loaded: Loaded, *, runs: int = 20, warmup: int = 3, onnx: bool = Tru
     if macs is None:
         notes.append("MACs are counted only for models graphopt can trace")
     return ModelReport(
-        loaded.source, params, macs, size, size_kind, latency, ort, loaded.metadata, notes
+        loaded.source, params, macs, size, size_kind, latency, ort, loaded.metadata, notes, weights
     )
 
 

@@ -10,9 +10,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.markup import escape
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 from .manager import Deviation, LedgerEntry
 
@@ -27,6 +27,7 @@ __all__ = [
     "print_report",
     "report_html",
     "report_json",
+    "report_renderable",
     "report_table",
     "write_text_atomic",
 ]
@@ -97,6 +98,7 @@ def _report_cells(
         ("params", [r.params for r in reports], human),
         ("MACs", [r.macs for r in reports], human),
         ("size", [r.size_bytes for r in reports], lambda v: human(v) + "B"),
+        ("weights", [r.weights_bytes for r in reports], lambda v: human(v) + "B"),
         ("eager CPU latency", [r.latency for r in reports], _latency),
         ("onnxruntime latency", [r.ort_latency for r in reports], _latency),
     ]
@@ -104,7 +106,7 @@ def _report_cells(
     for label, values, fmt in rows:
         cells = [fmt(v) if v is not None else "—" for v in values]
         body.append([label, *cells, *([_ratio(*values)] if pair else [])])
-    body.append(["size of", *[r.size_kind for r in reports], *([""] if pair else [])])
+    body.insert(3, ["size of", *[r.size_kind for r in reports], *([""] if pair else [])])
     captions = []
     if agreement is not None:
         top1 = f"{100 * agreement.top1:.1f}%" if agreement.top1 is not None else "—"
@@ -123,15 +125,20 @@ def _report_cells(
 
 def report_table(reports: list[ModelReport], agreement: Deviation | None = None) -> Table:
     """Rows of measurements, one column per model, and B/A ratios when there are two."""
-    header, body, captions = _report_cells(reports, agreement)
+    header, body, _ = _report_cells(reports, agreement)
     table = Table(title="graphopt report")
     for i, name in enumerate(header):
         table.add_column(name, justify="left" if i == 0 else "right")
     for row in body:
         table.add_row(*row)
-    table.caption = escape("\n".join(captions)) or None
-    table.caption_justify = "left"
     return table
+
+
+def report_renderable(reports: list[ModelReport], agreement: Deviation | None = None) -> Group:
+    """The table and, below it at full width, the agreement and how latency was taken."""
+    _, _, captions = _report_cells(reports, agreement)
+    lines = [Text(c, style="dim") for c in captions]
+    return Group(report_table(reports, agreement), *lines)
 
 
 def report_html(reports: list[ModelReport], agreement: Deviation | None = None) -> str:
@@ -162,8 +169,8 @@ class Report:
     models: list[ModelReport]
     agreement: Deviation | None = None
 
-    def __rich__(self) -> Table:
-        return report_table(self.models, self.agreement)
+    def __rich__(self) -> Group:
+        return report_renderable(self.models, self.agreement)
 
     def _repr_html_(self) -> str:
         return report_html(self.models, self.agreement)
@@ -195,7 +202,7 @@ def print_report(
     """The ``graphopt report`` output: the table, notes, and each artifact's ledger."""
     from .profiling import ledger_from_metadata
 
-    console.print(report_table(reports, agreement))
+    console.print(report_renderable(reports, agreement))
     if agreement is not None:
         console.print(f"  agreement measured on {data or 'the probe input of A'}", highlight=False)
     for r in reports:
@@ -228,6 +235,7 @@ def report_json(reports: list[ModelReport], agreement: Deviation | None = None) 
             "params": _ratio(a.params, b.params),
             "macs": _ratio(a.macs, b.macs),
             "size": _ratio(a.size_bytes, b.size_bytes),
+            "weights": _ratio(a.weights_bytes, b.weights_bytes),
             "latency": _ratio(a.latency, b.latency),
             "ort_latency": _ratio(a.ort_latency, b.ort_latency),
         }

@@ -93,7 +93,8 @@ def test_figures_of_a_torchvision_model_match_independent_counts():
     assert report["macs"] == counter.get_total_flops() // 2
     state = model.state_dict().values()
     assert report["size_bytes"] == sum(t.numel() * t.element_size() for t in state)
-    assert report["size_kind"] == "in memory" and report["ort_latency"] is None
+    assert report["size_kind"] == "weights in memory" and report["ort_latency"] is None
+    assert report["weights_bytes"] == report["size_bytes"]
     assert data["torch"] == torch.__version__
 
 
@@ -110,6 +111,8 @@ def test_artifact_agrees_with_its_source_and_shows_its_ledger(digits, tmp_path):
     assert b["params"] == a["params"] - 2 * 48  # BatchNorm folded away
     assert data["ratios"]["params"] == f"{b['params'] / a['params']:.3f}×"
     assert b["size_kind"] == "file" and b["size_bytes"] == artifact.stat().st_size
+    bn_bytes = 4 * 48 * 4 + 8  # weight, bias, running mean and var, num_batches_tracked
+    assert a["weights_bytes"] - b["weights_bytes"] == bn_bytes
     assert data["agreement"]["rel_err"] < 1e-5 and data["agreement"]["top1"] == 1.0
     for lat in (a["latency"], b["latency"]):
         assert lat["runs"] == 3 and lat["warmup"] == 1 and lat["threads"] == 1
@@ -190,6 +193,7 @@ def test_onnx_artifact_is_timed_in_onnxruntime(digits, tmp_path):
     assert a["ort_latency"]["runs"] == 2 and a["latency"]["runs"] == 2
     assert b["latency"] is None and b["ort_latency"]["median_ms"] > 0
     assert b["params"] == a["params"] - 2 * 48 and b["macs"] is None
+    assert b["weights_bytes"] == 4 * b["params"]  # float32 initializers
     assert data["agreement"]["rel_err"] < 1e-4
     assert b["artifact"]["pipeline"] == "fold"
 

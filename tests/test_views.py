@@ -315,3 +315,37 @@ def test_example_notebook_runs_and_renders_html(capsys):
     frame = view._repr_html_()
     assert frame.startswith("<iframe srcdoc=") and "&lt;svg" in frame
     assert "'pruned': 49" in capsys.readouterr().out
+
+
+def test_layer_widths_and_png_charts(pair, tmp_path):
+    from graphopt.plots import layer_widths, plot_channels, plot_sensitivity, plot_tradeoff
+
+    before, after = pair
+    widths = {w.name: w for w in layer_widths(before, after)}
+    assert widths["stem"].before == 16 == before.gm.stem.out_channels
+    assert widths["stem"].after == after.gm.stem.out_channels < 16
+    assert widths["grouped"].kind == "Conv2d" and "bn" not in widths  # folded away
+    assert widths["head"].before == widths["head"].after == 10  # the classes stay
+
+    chart = tmp_path / "channels.png"
+    plot_channels(before, after, str(chart))
+    pixels = np.asarray(Image.open(chart).convert("RGB")).astype(int)
+    assert _count_near(pixels, STATUS_COLOURS["pruned"]) > 500  # the "after" bars
+    assert _count_near(pixels, "#c8c8c8") > 500  # the "before" bars behind them
+    plot_tradeoff([(1e6, 0.98, "original"), (4e5, 0.93, "ratio 0.5")], str(tmp_path / "t.png"))
+    plot_sensitivity([("conv1", 0.8), ("conv2", 0.1)], str(tmp_path / "s.png"))
+    for name in ("t.png", "s.png"):
+        assert Image.open(tmp_path / name).size[0] > 300
+    with pytest.raises(graphopt.GraphoptError, match="PNG"):
+        plot_sensitivity([("conv1", 0.8)], str(tmp_path / "s.jpg"))
+
+
+@pytest.mark.usefixtures("_tests_importable")
+def test_inspect_plot_option(tmp_path, capsys):
+    chart = tmp_path / "c.png"
+    run = run_main(capsys, "inspect", *SMALL, "--passes", "prune", "--plot", str(chart))
+    assert run.code == 0, run.stderr
+    assert Image.open(chart).format == "PNG"
+    bad = run_main(capsys, "inspect", *SMALL, "--plot", str(tmp_path / "d.png"))
+    assert bad.code == 2 and "--passes or --compare" in bad.stderr
+    assert not (tmp_path / "d.png").exists()
