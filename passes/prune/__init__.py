@@ -28,7 +28,7 @@ from graphopt import GraphIR, GraphoptError, PassContext
 from .deps import ChannelGraph, analyse
 from .importance import criteria, register_criterion, scorer
 from .plan import Estimator, Selector
-from .pruner import ResizeFailed, apply_removal
+from .pruner import ResizeFailed, apply_removal, known_macs, light_copy, observe
 
 __all__ = ["ChannelGraph", "Prune", "analyse", "criteria", "prune_once", "register_criterion"]
 
@@ -47,7 +47,12 @@ class PruneResult:
     removed_atoms: int
     total_atoms: int
     notes: list[str]
-    macs: int
+    #: MACs per node of the pruned model
+    macs: dict[str, int]
+
+    @property
+    def total_macs(self) -> int:
+        return sum(self.macs.values())
 
 
 def prune_once(
@@ -63,8 +68,12 @@ def prune_once(
     ignore: list[str] | tuple[str, ...] = (),
     data: object = None,
     seed: int = 0,
+    macs: dict[str, int] | None = None,
 ) -> PruneResult:
-    """Prune ``ir`` once and return the pruned copy (``ir`` itself is left untouched)."""
+    """Prune ``ir`` once and return the pruned copy (``ir`` itself is left untouched).
+    ``macs`` are its MACs per node if already measured by :func:`observe`."""
+    if macs is None:
+        macs = known_macs(ir) or observe(ir)
     g = analyse(ir, ignore)
     notes: list[str] = []
     assert g.prunable is not None
@@ -76,7 +85,7 @@ def prune_once(
             + "; see the prune docs for supported patterns"
         )
     score = scorer(g, criterion, data, seed)
-    reference = Estimator(ir, g)
+    reference = Estimator(ir, g, macs)
     goal = None
     if target is not None:
         goal = target * (reference.macs0 if metric == "macs" else reference.params0)
@@ -85,25 +94,25 @@ def prune_once(
             g, score(g), round_to=round_to, max_layer_ratio=max_layer_ratio,
             global_rank=global_rank,
         )  # fmt: skip
-        est = Estimator(ir, g)
+        est = Estimator(ir, g, macs)
         if goal is None:
             chosen, removed = ratio, sel.removal(ratio)
         else:
             chosen, removed = _search(sel, est, metric, goal)
-        work = ir.copy()
+        work = light_copy(ir)
         try:
-            macs = apply_removal(work, g, removed)
+            after = apply_removal(work, g, removed)
         except ResizeFailed as exc:
             node = next(n for n in ir.graph.nodes if n.name == exc.node.name)
             g.freeze_node(node, f"no longer fits after resizing ({_short(exc.cause)})")
             g.solve()
             continue
         if goal is not None:
-            chosen, removed, work, macs = _correct(
-                ir, g, sel, est, metric, goal, (chosen, removed, work, macs)
+            chosen, removed, work, after = _correct(
+                ir, g, sel, est, metric, goal, (chosen, removed, work, after)
             )
         notes.extend(g.frozen_report())
-        return PruneResult(work, chosen, int(removed.sum()), sel.n_atoms, notes, macs)
+        return PruneResult(work, chosen, int(removed.sum()), sel.n_atoms, notes, after)
     raise GraphoptError(
         f"pruning kept breaking the model after freezing {MAX_RETRIES} nodes; exclude the "
         "failing layers with ignore=[...]"
@@ -147,7 +156,7 @@ def _search(sel: Selector, est: Estimator, metric: str, goal: float) -> tuple[fl
     return hi, best
 
 
-_Trial = tuple[float, np.ndarray, GraphIR, int]
+_Trial = tuple[float, np.ndarray, GraphIR, dict[str, int]]
 
 
 def _correct(
@@ -164,12 +173,12 @@ def _correct(
     base = est.macs0 if metric == "macs" else est.params0
 
     def miss(t: _Trial) -> float:
-        return abs((t[3] if metric == "macs" else t[2].total_params()) - goal)
+        return abs((sum(t[3].values()) if metric == "macs" else t[2].total_params()) - goal)
 
     best = aim = trial
     for _ in range(4):
         _, removed, work, macs = aim
-        real = macs if metric == "macs" else work.total_params()
+        real = sum(macs.values()) if metric == "macs" else work.total_params()
         if abs(real - goal) <= 0.01 * base:
             break
         # the estimate is off by a factor; aim the estimate at the corrected goal
@@ -178,7 +187,7 @@ def _correct(
             ratio, candidate = _search(sel, est, metric, corrected)
         except GraphoptError:
             break
-        attempt = ir.copy()
+        attempt = light_copy(ir)
         try:
             aim = (ratio, candidate, attempt, apply_removal(attempt, g, candidate))
         except ResizeFailed:
@@ -230,13 +239,14 @@ class Prune(graphopt.Pass):
         if o.criterion not in criteria():
             known = ", ".join(sorted(criteria()))
             raise GraphoptError(f"unknown pruning criterion '{o.criterion}'; choose one of {known}")
-        macs0, params0 = ir.total_macs(), ir.total_params()
+        macs = known_macs(ir) or observe(ir)
+        macs0, params0 = sum(macs.values()), ir.total_params()
         current = ir
         for step in range(1, o.steps + 1):
             kwargs: dict[str, object] = {}
             if o.target is not None:
                 base = macs0 if o.metric == "macs" else params0
-                now = current.total_macs() if o.metric == "macs" else current.total_params()
+                now = sum(macs.values()) if o.metric == "macs" else current.total_params()
                 kwargs["target"] = o.target ** (step / o.steps) * base / max(now, 1)
             else:
                 kwargs["ratio"] = 1 - (1 - o.ratio) ** (1 / o.steps)
@@ -250,9 +260,10 @@ class Prune(graphopt.Pass):
                 ignore=o.ignore,
                 data=ctx.data,
                 seed=o.seed,
+                macs=macs,
                 **kwargs,  # type: ignore[arg-type]
             )
-            current = result.ir
+            current, macs = result.ir, result.macs
             ctx.stat("channel groups removed", result.removed_atoms)
             if step == o.steps:
                 for line in result.notes[:20]:
@@ -261,17 +272,19 @@ class Prune(graphopt.Pass):
                     ctx.note(f"… and {len(result.notes) - 20} more frozen groups")
         ir.gm = current.gm
         ir.invalidate()
-        ctx.stat("MACs kept %", round(100 * result.macs / max(macs0, 1), 2))
+        ctx.stat("MACs kept %", round(100 * result.total_macs / max(macs0, 1), 2))
         ctx.stat("params kept %", round(100 * ir.total_params() / max(params0, 1), 2))
         if o.target is not None:
-            base, now = (macs0, result.macs) if o.metric == "macs" else (params0, ir.total_params())
+            base, now = (
+                (macs0, result.total_macs) if o.metric == "macs" else (params0, ir.total_params())
+            )
             if abs(now / max(base, 1) - o.target) > 0.02:
                 ctx.note(
                     f"kept {100 * now / max(base, 1):.1f}% of the {o.metric} instead of the "
                     f"target {100 * o.target:.0f}%: the coupled groups are too coarse or too few "
                     "to get closer (see the frozen groups above)"
                 )
-        if result.macs == macs0:
+        if result.total_macs == macs0:
             ctx.note("nothing was removed: every group is frozen or too small")
 
 

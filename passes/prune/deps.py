@@ -1134,8 +1134,10 @@ def _describe(ir: GraphIR, node: fx.Node) -> str:
 
 
 def analyse(ir: GraphIR, ignore: Sequence[str] = ()) -> ChannelGraph:
-    """Build and solve the channel-dependency graph of ``ir``."""
-    ir.analysis("shapes")
+    """Build and solve the channel-dependency graph of ``ir``, whose nodes carry their
+    values' shapes in ``meta["val"]`` (from the ``shapes`` analysis or a real run)."""
+    if any("val" not in n.meta for n in ir.graph.nodes if n.op != "output"):
+        ir.analysis("shapes")  # not observed by the caller: propagate fake tensors
     g = ChannelGraph(ir)
     g.build(ignore)
     g.solve()

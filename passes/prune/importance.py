@@ -45,6 +45,9 @@ class Saliency:
 
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: when set, ``params`` holds raw weights ``w`` whose saliency is ``|w|**power``: the
+    #: per-channel sums are then taken as norms, without an elementwise copy of every weight
+    power: float | None = None
 
 
 @dataclass
@@ -98,12 +101,12 @@ def _builtin(name: str) -> Callable[[Criterion], Criterion]:
 
 @_builtin("l1")
 def _l1(ci: CriterionInput) -> Saliency:
-    return Saliency(params={k: v.detach().abs() for k, v in ci.params.items()})
+    return Saliency(params=dict(ci.params), power=1)
 
 
 @_builtin("l2")
 def _l2(ci: CriterionInput) -> Saliency:
-    return Saliency(params={k: v.detach().float().pow(2) for k, v in ci.params.items()})
+    return Saliency(params=dict(ci.params), power=2)
 
 
 @_builtin("bn_scale")
@@ -227,7 +230,12 @@ def atom_scores(g: ChannelGraph, sal: Saliency) -> np.ndarray:
             continue
         dims = [i for i in range(t.dim()) if i != d]
         t = t.detach().float()
-        v = (t.sum(dim=dims) if dims else t).double().numpy()
+        if sal.power is not None and key[0] == "p":
+            p = sal.power
+            t = torch.linalg.vector_norm(t, ord=p, dim=dims) ** p if dims else t.abs() ** p
+        elif dims:
+            t = t.sum(dim=dims)
+        v = t.double().numpy()
         mean = v.mean()
         v = v / mean if mean > 0 else np.ones_like(v)
         np.add.at(total, comps, v)

@@ -116,26 +116,25 @@ class Selector:
 class Estimator:
     """Fast MACs/params of the pruned model, from kept fractions of spaces."""
 
-    def __init__(self, ir: GraphIR, g: ChannelGraph) -> None:
+    def __init__(self, ir: GraphIR, g: ChannelGraph, macs: dict[str, int]) -> None:
         assert g.comp is not None
         self.g = g
         keys = list(g.spaces)
         self.index = {k: i for i, k in enumerate(keys)}
         self.starts = np.array([g.spaces[k][0] for k in keys], dtype=np.int64)
         self.sizes = np.array([g.spaces[k][1] for k in keys], dtype=np.int64)
-        costs = ir.costs()
-        self.macs0 = ir.total_macs()
+        self.macs0 = sum(macs.values())
         self.params0 = ir.total_params()
         self.terms: list[tuple[int, list[int]]] = []
         for node in ir.graph.nodes:
-            macs = costs[node.name].macs
-            if macs <= 0:
+            n_macs = macs.get(node.name, 0)
+            if n_macs <= 0:
                 continue
             spaces = [self.index[k] for k in self._out_keys(node) if k in self.index]
             c = self._contracted(ir, node)
             if c is not None and c in self.index:
                 spaces.append(self.index[c])
-            self.terms.append((macs, spaces))
+            self.terms.append((n_macs, spaces))
         # parameters: numel and the spaces of each dim
         self.ptensors: list[tuple[int, list[int]]] = []
         named = dict(ir.gm.named_parameters())

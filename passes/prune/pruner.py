@@ -11,6 +11,7 @@ caller can freeze it and try again.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from typing import Any
@@ -23,11 +24,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from graphopt import GraphIR
-from graphopt.analyses import FUSED_FLOPS
+from graphopt.analyses import FUSED_FLOPS, MACS
 
 from .deps import ChannelGraph, SpaceKey, _arg, _val
 
-__all__ = ["ResizeFailed", "apply_removal", "keep_masks"]
+__all__ = ["ResizeFailed", "apply_removal", "keep_masks", "known_macs", "light_copy", "observe"]
 
 
 class ResizeFailed(Exception):
@@ -73,9 +74,9 @@ class _Sizes:
         return int(self.masks[key][:index].sum())
 
 
-def apply_removal(ir: GraphIR, g: ChannelGraph, removed: np.ndarray) -> int:
+def apply_removal(ir: GraphIR, g: ChannelGraph, removed: np.ndarray) -> dict[str, int]:
     """Remove the atoms flagged in ``removed`` (one bool per component) from ``ir``; return
-    the MACs of the result."""
+    the MACs of each node of the result (see :func:`observe`)."""
     masks = keep_masks(g, removed)
     sizes = _Sizes(g, masks)
     _slice_tensors(ir, masks)
@@ -88,7 +89,7 @@ def apply_removal(ir: GraphIR, g: ChannelGraph, removed: np.ndarray) -> int:
         _pin_size_read(node, g, masks)
     ir.gm.recompile()
     ir.invalidate()
-    return check_runs(ir)
+    return observe(ir)
 
 
 def _slice_tensors(ir: GraphIR, masks: dict[SpaceKey, np.ndarray]) -> None:
@@ -361,13 +362,14 @@ def _rewrite_unflatten(node: fx.Node, sizes: _Sizes) -> None:
     _set_arg(node, 2, "sizes", type(shape)(new))
 
 
-class _Checker(fx.Interpreter):
-    """Runs the graph on real tensors, counting MACs per node and naming a node that fails."""
+class _Observer(fx.Interpreter):
+    """Runs the graph on real tensors, recording each node's value as a meta tensor (shape
+    and dtype only) and its MACs, and naming the node that fails."""
 
     def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.counter = counter
-        self.macs = 0
+        self.macs: dict[str, int] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()
@@ -375,22 +377,51 @@ class _Checker(fx.Interpreter):
             out = super().run_node(n)
         except Exception as exc:
             raise ResizeFailed(n, exc) from exc
-        self.macs += (self.counter.get_total_flops() - before) // 2
+        self.macs[n.name] = (self.counter.get_total_flops() - before) // 2
+        n.meta["val"] = fx.node.map_aggregate(out, _as_meta)
         return out
 
 
-def check_runs(ir: GraphIR) -> int:
-    """Run the resized graph once on the example inputs (eval mode, no grad) and return its
-    MACs, counted as the ``costs`` analysis counts them; raise :class:`ResizeFailed` naming
-    the first node that no longer runs. Real tensors: fake ones cost more per op than the
-    arithmetic does at example-input sizes."""
+def _as_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    return value
+
+
+def observe(ir: GraphIR) -> dict[str, int]:
+    """Run ``ir`` once on its example inputs (eval mode, no grad): every node's
+    ``meta["val"]`` becomes a meta tensor of its value's shape and dtype, and the MACs of
+    each node are returned, counted as the ``costs`` analysis counts them. Raise
+    :class:`ResizeFailed` naming the first node that does not run. Real tensors at
+    example-input sizes cost less than fake-tensor propagation's per-op overhead."""
     modes = {m: m.training for m in ir.gm.modules()}
     ir.gm.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=FUSED_FLOPS) as c:
-            checker = _Checker(ir.gm, c)
-            checker.run(*ir.example_inputs)
+            observer = _Observer(ir.gm, c)
+            observer.run(*ir.example_inputs)
     finally:
         for m, training in modes.items():
             m.training = training
-    return checker.macs
+    return observer.macs
+
+
+def known_macs(ir: GraphIR) -> dict[str, int] | None:
+    """MACs per node when a valid ``shapes`` analysis is cached on ``ir`` (the pass manager
+    computes it for its ledger), else None. Values a pass left on nodes without the
+    analysis being cached may be stale, so they are not trusted."""
+    if "shapes" not in getattr(ir, "_analyses", {}):
+        return None
+    nodes = [n for n in ir.graph.nodes if n.op != "output"]
+    if all("val" in n.meta and MACS in n.meta for n in nodes):
+        return {n.name: int(n.meta[MACS]) for n in nodes}
+    return None
+
+
+def light_copy(ir: GraphIR) -> GraphIR:
+    """A copy of ``ir`` whose graph and modules are new but whose parameters and buffers are
+    shared: removal replaces the tensors it slices instead of writing into them."""
+    memo: dict[int, Any] = {id(t): t for t in ir.gm.parameters()}
+    memo.update({id(t): t for t in ir.gm.buffers()})
+    gm = copy.deepcopy(ir.gm, memo)
+    return GraphIR(gm, ir.example_inputs, source=ir.source, history=ir.history)
