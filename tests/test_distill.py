@@ -236,6 +236,26 @@ def test_pairing_follows_provenance_after_fold(trained):
     assert [p.student for p in default] == ["features_0_2", "features_1_2", "features_2_2"]
 
 
+def test_depthwise_student_pairs_by_provenance_and_recovers(trained):
+    """depthwise splits each conv into a depthwise and a pointwise node, both standing for
+    the original conv; the pointwise one carries its value. Distilling after it recovers."""
+    teacher, train, val = trained
+    x = (val[0][0][:1],)
+    lossy = graphopt.optimize(teacher, "depthwise(rank=2)", example_inputs=x)
+    pairs, _ = pair_nodes(GraphIR.trace(teacher, x).gm, lossy.ir.gm, ["features_*_0"])
+    assert [p.student for p in pairs] == [f"features_{i}_0_pw" for i in range(3)]
+    result = graphopt.optimize(
+        teacher,
+        "depthwise(rank=2),distill(epochs=6,lr=3e-3,patience=0,progress=false)",
+        example_inputs=x,
+        data=(train, val),
+    )
+    assert result.ledger[-1].macs < 0.3 * result.ledger[0].macs
+    acc = [accuracy(m, val) for m in (teacher, lossy.ir.gm, result.ir.gm)]
+    assert acc[1] < acc[0] - 0.3, acc
+    assert acc[2] >= acc[0] - 0.025, acc
+
+
 class _Functionalize(graphopt.Pass):
     """Replace each ReLU module node by a functional call (new node, new name)."""
 
@@ -526,6 +546,23 @@ def test_l1_on_bn_scales_and_frozen_bn(trained):
     for m_s, m_f in zip(student.modules(), frozen.ir.gm.modules(), strict=False):
         if isinstance(m_s, nn.BatchNorm2d):
             assert torch.equal(m_s.running_mean, m_f.running_mean)
+
+
+def test_exact_zeros_stay_zero_unless_asked(trained):
+    teacher, train, val = trained
+    student = shrink(teacher, 0.25)
+    conv = student.features[1][0]
+    with torch.no_grad():
+        conv.weight[conv.weight.abs() < conv.weight.abs().median()] = 0
+    zeros = conv.weight == 0
+    common = dict(example_inputs=(val[0][0][:1],), epochs=1, progress=False)
+    kept = distill(student, teacher, (train, val), **common)
+    weight = kept.ir.gm.get_submodule("features.1.0").weight
+    assert bool((weight[zeros] == 0).all()) and bool((weight[~zeros] != 0).all())
+    assert any("zero weights in 1 tensors" in n for n in kept.notes)
+    grown = distill(student, teacher, (train, val), keep_zeros=False, **common)
+    regrown = grown.ir.gm.get_submodule("features.1.0").weight[zeros] != 0
+    assert float(regrown.float().mean()) > 0.9
 
 
 def test_bnrecal_restores_stale_statistics(trained):

@@ -115,6 +115,9 @@ class Distill(graphopt.Pass):
         freeze_bn: bool = graphopt.option(
             False, "keep BatchNorm statistics fixed while training (scales still learn)"
         )
+        keep_zeros: bool = graphopt.option(
+            True, "weights that are exactly zero (sparsify, magnitude pruning) stay zero"
+        )
         prune_targets: list[float] = graphopt.option(
             [],
             "iterative schedule: prune to each fraction of the MACs in turn, distilling after each",

@@ -316,6 +316,10 @@ def _fit(
         else None
     )
     bns = [m for m in student.modules() if isinstance(m, _BatchNorm) and m.weight is not None]
+    masks = _zero_masks(student) if o.keep_zeros else []
+    if masks:
+        zeros = sum(int((~m).sum()) for _, m in masks)
+        notes.append(f"kept {zeros} zero weights in {len(masks)} tensors at zero")
 
     def validate() -> tuple[str, float] | None:
         if val is None:
@@ -387,6 +391,9 @@ def _fit(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                with torch.no_grad():
+                    for p, keep in masks:
+                        p.mul_(keep)
                 running, seen = running + float(loss.detach()), seen + 1
                 progress.update(
                     task, advance=1, description=_label(epoch, o.epochs, running / seen)
@@ -430,6 +437,16 @@ def _fit(
         student.load_state_dict(best_state)
         result.after = best
     return result
+
+
+def _zero_masks(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Where weight tensors (2-D and up) hold exact zeros — left by sparsify or magnitude
+    pruning, never by training — the mask that keeps them zero."""
+    return [
+        (p, p != 0)
+        for p in model.parameters()
+        if p.dim() > 1 and p.requires_grad and bool((p == 0).any())
+    ]
 
 
 def _label(epoch: int, epochs: int, loss: float, metric: tuple[str, float] | None = None) -> str:
