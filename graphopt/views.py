@@ -79,9 +79,17 @@ def _kind(row: dict[str, Any]) -> str:
     return str(row["module"] or row["target"])
 
 
-def _is_quantized(row: dict[str, Any], module_path: str) -> bool:
-    text = f"{module_path} {row['target']} {row['dtype']}".lower()
-    return any(w in text for w in ("quantized", "quantize_per", "fake_quant", "int8", "qint"))
+_QUANT_WORDS = ("quantized", "quantize_per", "fake_quant", "fakequant", "int8", "qint")
+
+
+def _is_quantized(ir: GraphIR, row: dict[str, Any]) -> bool:
+    """An integer or fake-quantized operation: a module from a quantized namespace or with
+    a fake-quant class name, a quantize/dequantize call, or an int8 result."""
+    path = ""
+    if row["op"] == "call_module":
+        path = type(ir.gm.get_submodule(str(row["target"]))).__module__
+    text = f"{path} {row['module']} {row['target']} {row['dtype']}".lower()
+    return any(w in text for w in _QUANT_WORDS)
 
 
 def compare_graphs(before: GraphIR, after: GraphIR) -> Comparison:
@@ -92,16 +100,14 @@ def compare_graphs(before: GraphIR, after: GraphIR) -> Comparison:
     used = set()
     for row in after.rows():
         origin = _origin(row, old)
-        path = ""
-        if row["op"] == "call_module":
-            path = type(after.gm.get_submodule(str(row["target"]))).__module__
+        quantized = _is_quantized(after, row)
         if origin is None:
-            status[row["name"]] = "quantized" if _is_quantized(row, path) else "new"
+            status[row["name"]] = "quantized" if quantized else "new"
             continue
         used.add(origin)
         prev = old[origin]
         origin_rows[row["name"]] = prev
-        if _is_quantized(row, path) and not _is_quantized(prev, ""):
+        if quantized and not _is_quantized(before, prev):
             status[row["name"]] = "quantized"
         elif _kind(prev) != _kind(row) or prev["op"] != row["op"]:
             status[row["name"]] = "replaced"
@@ -278,9 +284,14 @@ def _shape_text(shape: list[int] | None) -> str:
     return "×".join(map(str, shape)) if shape else ""
 
 
-def _label(row: dict[str, Any]) -> tuple[str, str]:
-    kind = _kind(row).split(".")[-1]
-    return f"{row['name']}: {kind}"[:30], _shape_text(row["shape"])[:30]
+def _label(row: dict[str, Any], room: int = 30) -> tuple[str, str]:
+    """Two lines for a box: ``name: kind`` (a long name loses its start, where nested
+    module paths repeat, not its distinctive end) and the output shape."""
+    kind = _kind(row).split(".")[-1][:14]
+    name = row["name"]
+    if len(name) + len(kind) + 2 > room:
+        name = "…" + name[-(room - len(kind) - 3) :]
+    return f"{name}: {kind}", _shape_text(row["shape"])[:room]
 
 
 def _curve(points: list[tuple[float, float]]) -> str:

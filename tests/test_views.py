@@ -86,6 +86,8 @@ def test_classification_of_a_pruned_folded_quantized_model(pair):
     counts = comparison.counts()
     assert counts["removed"] == 1 and sum(counts.values()) == len(nodes) + 1
     assert comparison.totals["params"] == (before.total_params(), after.total_params())
+    same = compare_graphs(after, after)  # already quantized before: nothing changed
+    assert same.counts() == {"unchanged": len(nodes)} and not same.removed
 
 
 def test_new_and_replaced_nodes():
