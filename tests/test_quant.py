@@ -468,3 +468,15 @@ def test_input_model_is_not_mutated(block, block_input):
     after = block.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_qat_pipeline_with_distill(digits):
+    model, x_train, x_test, y_test = digits
+    labelled = [(x_train[i : i + 64], torch.arange(64) % 10) for i in range(0, 256, 64)]
+    pipeline = "fold,quant(form=qat),distill(epochs=1),quant"
+    result = quantize(model, x_test[:2], pipeline, data=labelled)
+    steps = [e.step.split("(")[0] for e in result.ledger[1:]]
+    assert steps == ["fold", "quant", "distill", "quant"]
+    assert "quantized.conv2d_relu.new" in targets(result.ir.gm)
+    assert not any(type(m).__name__ == "FakeQuant" for m in result.ir.gm.modules())
+    assert accuracy(result.ir.gm, x_test, y_test) > 90

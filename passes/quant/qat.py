@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn.utils import parametrize
 
 from graphopt import GraphIR
@@ -45,13 +46,21 @@ class FakeQuant(nn.Module):
         self.register_buffer("lo", torch.tensor(lo, dtype=torch.float32))
         self.register_buffer("hi", torch.tensor(lo + (qmax - qmin) * qp.scale))
 
+        # Python copies of the buffers for the forward pass: the tensor overload of
+        # fake_quantize reads them with .item(), which shape propagation cannot fake.
+        self._qp = qp
+
     @property
     def qparams(self) -> QParams:
         """The current scale and zero point."""
-        return QParams(float(self.scale), int(self.zero_point))
+        return self._qp
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._qp = QParams(float(self.scale), int(self.zero_point))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
+        if self.training and not is_fake(x):  # shape propagation runs modules as they are
             with torch.no_grad():
                 self.lo += self.c * (x.min() - self.lo)
                 self.hi += self.c * (x.max() - self.hi)
@@ -64,8 +73,10 @@ class FakeQuant(nn.Module):
                 )
                 self.scale.fill_(scale)
                 self.zero_point.fill_(zp)
+                self._qp = QParams(scale, zp)
+        qp = self._qp
         return torch.fake_quantize_per_tensor_affine(
-            x, self.scale, self.zero_point, self.qmin, self.qmax
+            x, qp.scale, qp.zero_point, self.qmin, self.qmax
         )
 
 
