@@ -21,7 +21,6 @@ pointwise weights (columns of ``U √S``) that mix them into the ``N`` outputs. 
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any, cast
@@ -34,6 +33,8 @@ from torch.nn.utils import parametrize
 
 import graphopt
 from graphopt import GraphIR, GraphoptError, PassContext
+
+from ._ignore import IgnoreList
 
 __all__ = ["Depthwise", "DepthwisePlan", "depthwise_factors", "macs_ratio"]
 
@@ -214,22 +215,14 @@ class Depthwise(graphopt.Pass):
     def _eligible(self, ir: GraphIR, ctx: PassContext) -> dict[str, list[fx.Node]]:
         """Standard convolutions (groups=1, kernel > 1), grouped by module so a module called
         twice is replaced once and both calls share the new pair."""
-        patterns = list(self.options.ignore)
-        matched = dict.fromkeys(patterns, False)
+        ignore = IgnoreList(self.options.ignore)
         groups: dict[str, list[fx.Node]] = {}
         for node in ir.nodes(op="call_module"):
             module = ir.module(node)
             if type(module) not in _CONVS:
                 continue
             conv = cast(_ConvNd, module)
-            hits = [
-                p
-                for p in patterns
-                if fnmatch.fnmatchcase(str(node.target), p) or fnmatch.fnmatchcase(node.name, p)
-            ]
-            for p in hits:
-                matched[p] = True
-            if hits:
+            if ignore.matches(str(node.target), node.name):
                 ctx.note(f"kept {node.target}: ignored")
                 continue
             if conv.groups != 1 or math.prod(conv.kernel_size) == 1:
@@ -241,12 +234,7 @@ class Depthwise(graphopt.Pass):
                 ctx.note(f"kept {node.target}: it has hooks or parametrizations that would be lost")
                 continue
             groups.setdefault(str(node.target), []).append(node)
-        unmatched = [p for p, hit in matched.items() if not hit]
-        if unmatched:
-            raise GraphoptError(
-                f"depthwise ignore pattern '{unmatched[0]}' matches no convolution; use a module "
-                "path or node name from 'graphopt inspect MODEL'"
-            )
+        ignore.check_all_used("depthwise", "convolution")
         return groups
 
     def _plan(self, target: str, conv: _ConvNd) -> DepthwisePlan | None:
