@@ -480,3 +480,15 @@ def test_qat_pipeline_with_distill(digits):
     assert "quantized.conv2d_relu.new" in targets(result.ir.gm)
     assert not any(type(m).__name__ == "FakeQuant" for m in result.ir.gm.modules())
     assert accuracy(result.ir.gm, x_test, y_test) > 90
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_int8_form_to_export_formats_is_refused_cleanly(suffix, tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    out = tmp_path / f"m{suffix}"
+    with pytest.raises(GraphoptError, match="choose another output format"):
+        graphopt.optimize(model, "quant", example_inputs=(x,), data=[(x,)], output=str(out))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    graphopt.optimize(model, "quant(form=qdq)", example_inputs=(x,), data=[(x,)], output=str(out))
+    assert out.exists()
