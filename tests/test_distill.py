@@ -587,7 +587,7 @@ def test_bnrecal_restores_stale_statistics(trained):
 # -- torchrun --------------------------------------------------------------------------------------
 
 
-def _ddp_run() -> tuple[dict[str, torch.Tensor], list[int]]:
+def _ddp_run(freeze_bn: bool = True) -> tuple[dict[str, torch.Tensor], list[int]]:
     """The run both sides of the DDP test make: identical code, whatever the world size.
     Returns the trained weights and the batch sizes this process trained on."""
     torch.manual_seed(0)
@@ -607,7 +607,7 @@ def _ddp_run() -> tuple[dict[str, torch.Tensor], list[int]]:
 
     run = distill(
         student, teacher, (train, val), example_inputs=(val[0][0][:1],), epochs=2,
-        freeze_bn=True, patience=0, progress=False, device="cpu", losses=["batch_size"],
+        freeze_bn=freeze_bn, patience=0, progress=False, device="cpu", losses=["batch_size"],
         registry=graphopt.load_registry(autoload=False, extra=[Plugin()]),
     )  # fmt: skip
     return run.ir.gm.state_dict(), sizes
@@ -626,8 +626,16 @@ def test_torchrun_with_two_gloo_processes_matches_one_process(tmp_path):
         assert ddp_sizes == [30] * 16  # each process trained on half of every batch
         for key, value in single.items():
             assert torch.allclose(value.float(), ddp[key].float(), rtol=1e-4, atol=1e-5), key
+    # BatchNorm in training mode: per-process batch statistics, but the processes still end
+    # with one model (running statistics averaged), close to the single-process one
+    one, _ = torch.load(tmp_path / "bn_rank0.pt", weights_only=True)
+    other, _ = torch.load(tmp_path / "bn_rank1.pt", weights_only=True)
+    for key, value in one.items():
+        assert torch.equal(value, other[key]), key
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    torch.save(_ddp_run(), os.path.join(sys.argv[1], f"rank{os.environ.get('RANK', '0')}.pt"))
+    rank = os.environ.get("RANK", "0")
+    torch.save(_ddp_run(), os.path.join(sys.argv[1], f"rank{rank}.pt"))
+    torch.save(_ddp_run(freeze_bn=False), os.path.join(sys.argv[1], f"bn_rank{rank}.pt"))

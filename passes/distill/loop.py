@@ -9,8 +9,9 @@ the network-slimming L1 penalty on BatchNorm scales.
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the same loop runs with DistributedDataParallel —
 gloo on CPU, nccl on GPU — without code changes: every process reads the same batches and
 trains on its share of each, so the global batch is the loader's batch and the result
-matches a single-process run (BatchNorm layers in training mode see only their process's
-share, as with plain DDP; ``freeze_bn`` or a ``bnrecal`` afterwards removes the difference).
+matches a single-process run. BatchNorm layers in training mode normalise with their
+process's share of the batch, as with plain DDP; their running statistics are averaged over
+the processes after every epoch, so all processes validate and return the same model.
 """
 
 from __future__ import annotations
@@ -106,6 +107,16 @@ class _Dist:
             lambda t: t.tensor_split(self.world)[self.rank] if isinstance(t, torch.Tensor) else t,
             batch,
         )
+
+    def average_buffers(self, module: nn.Module) -> None:
+        """Average floating-point buffers (BatchNorm statistics) over the processes, so every
+        process validates, keeps and returns the same model."""
+        if self.world == 1:
+            return
+        for buf in module.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf.div_(self.world)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -400,6 +411,7 @@ def _fit(
                 )
             if sched is not None:
                 sched.step()
+            ranks.average_buffers(student)
             metric = validate()
             entry = {"epoch": epoch + 1, "loss": running / max(seen, 1)}
             if metric is not None:
