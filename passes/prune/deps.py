@@ -423,10 +423,12 @@ class ChannelGraph:
                 .view([-1 if i == e else 1 for i in range(vout.dim())])
                 .expand(vout.shape)
             )
-            pairs = np.unique(
-                np.stack([m.reshape(-1).numpy(), pos.reshape(-1).numpy()], axis=1), axis=0
-            )
-            self.link(self.key(src, d), self.key(node, e), pairs[:, 0], pairs[:, 1])
+            # which (input index, output index) pairs occur: a table, not a sort of every
+            # element, since window partitions move millions of elements
+            seen = np.zeros((vin.shape[d], vout.shape[e]), dtype=bool)
+            seen[m.reshape(-1).numpy(), pos.reshape(-1).numpy()] = True
+            ia, ib = np.nonzero(seen)
+            self.link(self.key(src, d), self.key(node, e), ia, ib)
             covered_in.add(d)
             covered_out.add(e)
         for d in in_dims:
