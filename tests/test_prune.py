@@ -681,3 +681,51 @@ def test_digits_accuracy_after_pruning_half_the_macs() -> None:
     pruned = result.ir.gm
     train(pruned, xtr, ytr, epochs=3, lr=1e-3)
     assert accuracy(pruned, xte, yte) >= base - 0.02
+
+
+# -- torchvision coverage ---------------------------------------------------------------------
+
+#: a representative, affordable subset of torchvision's classifiers: one per structure the
+#: analysis must see through (benchmarks/prune.py and docs/passes/prune.md cover all 80)
+COVERAGE = {
+    "resnet18": {},  # residual adds
+    "mobilenet_v3_small": {},  # squeeze-excitation gating, hardswish
+    "shufflenet_v2_x0_5": {},  # chunk, concat, channel shuffle
+    "densenet121": {},  # dense concatenation
+    "efficientnet_b0": {},  # SE, stochastic depth
+    "regnet_y_400mf": {},  # grouped convs with SE
+    "googlenet": {"aux_logits": False, "init_weights": False},  # inception concat
+    "squeezenet1_1": {},  # fire modules (concat), conv classifier
+    "convnext_tiny": {},  # channels-last, LayerNorm, layer scale
+    "vit_b_16": {"image_size": 32},  # nn.MultiheadAttention, class token, position embedding
+    "swin_t": {},  # window attention, patch merging, relative position bias
+}
+
+
+def maxvit_small() -> nn.Module:
+    """torchvision's MaxViT architecture at a size that fits the test budget (maxvit_t
+    itself needs 224×224 inputs; benchmarks/prune.py prunes it)."""
+    from torchvision.models.maxvit import MaxVit
+
+    return MaxVit(
+        input_size=(32, 32), stem_channels=16, partition_size=4, block_channels=[32, 64],
+        block_layers=[1, 1], head_dim=16, stochastic_depth_prob=0.0, num_classes=1000,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*COVERAGE, "maxvit"])
+def test_torchvision_half_the_macs(name: str) -> None:
+    torch.manual_seed(0)
+    if name == "maxvit":
+        model, size = maxvit_small(), 32
+    else:
+        model = getattr(torchvision.models, name)(weights=None, **COVERAGE[name])
+        size = 32 if name == "vit_b_16" else 64
+    x = image(1, 3, size)
+    result = graphopt.optimize(model.eval(), "prune(target=0.5)", example_inputs=(x,))
+    before, after = result.ledger[0], result.ledger[-1]
+    assert after.macs / before.macs == pytest.approx(0.5, abs=0.05)
+    assert after.params < before.params
+    with torch.no_grad():
+        assert result.ir.gm(x).shape == model(x).shape == (1, 1000)
