@@ -23,6 +23,7 @@ __all__ = [
     "Report",
     "artifact_line",
     "human",
+    "ledger_html",
     "ledger_table",
     "print_report",
     "report_html",
@@ -47,35 +48,67 @@ def _change(value: int, base: int) -> str:
     return f" ({100 * (value - base) / base:+.1f}%)"
 
 
+_LEDGER_HEADER = [
+    "pass", "kind", "params", "MACs", "max abs err", "rel err", "top-1 agree", "time"
+]  # fmt: skip
+
+
+def _ledger_cells(ledger: list[LedgerEntry]) -> list[tuple[list[str], bool]]:
+    """Each ledger row's cells, and whether it is an exact pass that changed the output."""
+    base = ledger[0]
+    rows = []
+    for e in ledger:
+        rows.append(
+            (
+                [
+                    e.step,
+                    "" if e is base else ("exact" if e.exact else "lossy"),
+                    human(e.params) + _change(e.params, base.params),
+                    human(e.macs) + _change(e.macs, base.macs),
+                    f"{e.max_abs_err:.2e}",
+                    f"{e.rel_err:.2e}",
+                    f"{100 * e.top1:.1f}%" if e.top1 is not None else "—",
+                    f"{e.seconds:.2f}s" if e is not base else "",
+                ],
+                e.exact and e.rel_err > 1e-4,
+            )
+        )
+    return rows
+
+
 def ledger_table(ledger: list[LedgerEntry], title: str = "compression ledger") -> Table:
     """Per pass: params and MACs (with change from the input), deviation, time."""
     table = Table(title=title)
-    for col, justify in [
-        ("pass", "left"),
-        ("kind", "left"),
-        ("params", "right"),
-        ("MACs", "right"),
-        ("max abs err", "right"),
-        ("rel err", "right"),
-        ("top-1 agree", "right"),
-        ("time", "right"),
-    ]:
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    base = ledger[0]
-    for e in ledger:
-        kind = "" if e is base else ("exact" if e.exact else "lossy")
-        err_style = "red" if e.exact and e.rel_err > 1e-4 else ""
-        table.add_row(
-            e.step,
-            kind,
-            human(e.params) + _change(e.params, base.params),
-            human(e.macs) + _change(e.macs, base.macs),
-            f"[{err_style}]{e.max_abs_err:.2e}[/]" if err_style else f"{e.max_abs_err:.2e}",
-            f"{e.rel_err:.2e}",
-            f"{100 * e.top1:.1f}%" if e.top1 is not None else "—",
-            f"{e.seconds:.2f}s" if e is not base else "",
-        )
+    for i, col in enumerate(_LEDGER_HEADER):
+        table.add_column(col, justify="left" if i < 2 else "right")
+    for cells, off in _ledger_cells(ledger):
+        if off:  # an exact pass that moved the output: show its error in red
+            cells[4] = f"[red]{cells[4]}[/]"
+        table.add_row(*cells)
     return table
+
+
+def _html_table(header: list[str], rows: list[list[str]], caption: str, *, left: int = 1) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td style="text-align:{"left" if i < left else "right"}">{html.escape(c)}</td>'
+            for i, c in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return (
+        f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead>"
+        f"<tbody>{body}</tbody></table>"
+    )
+
+
+def ledger_html(ledger: list[LedgerEntry], title: str = "compression ledger") -> str:
+    """The ledger as an HTML table (for Jupyter)."""
+    rows = [cells for cells, _ in _ledger_cells(ledger)]
+    return _html_table(_LEDGER_HEADER, rows, title, left=2)
 
 
 def _latency(lat: Any) -> str:
@@ -142,23 +175,21 @@ def report_renderable(reports: list[ModelReport], agreement: Deviation | None = 
 
 
 def report_html(reports: list[ModelReport], agreement: Deviation | None = None) -> str:
-    """The same report as an HTML table (for Jupyter)."""
+    """The same report as HTML tables (for Jupyter), with each artifact's ledger."""
+    from .profiling import ledger_from_metadata
+
     header, body, captions = _report_cells(reports, agreement)
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    rows = "".join(
-        "<tr>"
-        + "".join(
-            f'<td style="text-align:{"left" if i == 0 else "right"}">{html.escape(c)}</td>'
-            for i, c in enumerate(row)
-        )
-        + "</tr>"
-        for row in body
-    )
-    caption = "<br>".join(html.escape(c) for c in captions)
-    return (
-        f"<table><caption>graphopt report</caption><thead><tr>{head}</tr></thead>"
-        f"<tbody>{rows}</tbody></table><p><small>{caption}</small></p>"
-    )
+    parts = [
+        _html_table(header, body, "graphopt report"),
+        "<p><small>" + "<br>".join(html.escape(c) for c in captions) + "</small></p>",
+    ]
+    for r in reports:
+        line = artifact_line(r)
+        ledger = ledger_from_metadata(r.metadata or {})
+        if line and ledger:
+            parts.append(f"<p>{html.escape(line)}</p>")
+            parts.append(ledger_html(ledger, title=f"compression ledger of {r.source}"))
+    return "".join(parts)
 
 
 @dataclass

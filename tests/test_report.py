@@ -130,6 +130,30 @@ def test_artifact_agrees_with_its_source_and_shows_its_ledger(digits, tmp_path):
     assert "onnxruntime latency" in table.output
 
 
+def test_report_renders_as_html_with_the_stored_ledger(digits, tmp_path):
+    from graphopt.loading import make_inputs
+    from graphopt.profiling import agreement, load_for_report, measure
+    from graphopt.report import Report
+
+    artifact = tmp_path / "opt.pt"
+    _optimize(digits, artifact, "cleanup,fold", "--input-shape", "4,64")
+    a = load_for_report(
+        digits["spec"], inputs=make_inputs([(4, 64)]), weights=str(digits["root"] / "w.pt")
+    )
+    b = load_for_report(str(artifact), inputs=a.inputs, trust_pickle=True)
+    report = Report(
+        [measure(a, runs=1, onnx=False), measure(b, runs=1, onnx=False)], agreement(a, b)
+    )
+    page = report._repr_html_()
+    assert page.count("<table>") == 2 and "compression ledger of" in page
+    assert (
+        '<td style="text-align:left">fold</td>' in page
+        and "pipeline &#x27;cleanup,fold&#x27;" in page
+    )
+    assert report.to_json()["agreement"]["top1"] == 1.0
+    assert "<th>B/A</th>" in page and b.metadata["pipeline"] == "cleanup,fold"
+
+
 def test_threads_option_leaves_the_process_setting_alone(digits):
     before = torch.get_num_threads()
     _json(digits["spec"], "--weights", str(digits["root"] / "w.pt"), "--no-onnx")
