@@ -8,8 +8,8 @@ inputs, and artifact size against fp32.
 
 Part 2 (``--part onnx``): graphopt ``quant(form=qdq)`` exported to ONNX and run in
 onnxruntime, against onnxruntime running the fp32 model: latency ratio, SQNR against the
-PyTorch fp32 output and against graphopt's PyTorch int8 output, for each QDQ variant
-(uint8 or int8 activations, 7- or 8-bit activation range).
+PyTorch fp32 output and against graphopt's default PyTorch int8 output (fbgemm), for each
+QDQ variant (uint8 or int8 activations, 7- or 8-bit activation range).
 
 Part 3 (``--part sqnr``): int8 output SQNR and artifact size for resnet18, resnet50,
 mobilenet_v2, efficientnet_b0 and vit_b_16.

@@ -492,3 +492,16 @@ def test_int8_form_to_export_formats_is_refused_cleanly(suffix, tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
     graphopt.optimize(model, "quant(form=qdq)", example_inputs=(x,), data=[(x,)], output=str(out))
     assert out.exists()
+
+
+def test_default_range_does_not_overflow_avx2_kernels():
+    """With 8-bit activations this conv overflows vpmaddubsw on CPUs without VNNI (fbgemm
+    and onnxruntime fell to 16.6 dB here); the default 7-bit range must match simulation."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    int8 = quantize(model, x, data=[(x,)]).ir.gm
+    sim = quantize(model, x, "quant(form=qdq)", data=[(x,)]).ir.gm
+    with torch.no_grad():
+        assert sqnr_db(sim(x), int8(x)) > 35
+        assert sqnr_db(model(x), int8(x)) > 30

@@ -125,7 +125,7 @@ class Quant(graphopt.Pass):
         symmetric: bool = graphopt.option(False, "symmetric activations (zero point in the middle)")
         per_channel: bool = graphopt.option(True, "one weight scale per output channel")
         reduce_range: bool = graphopt.option(
-            True, "7-bit activations, so AVX2 int8 kernels cannot overflow"
+            True, "7-bit activations, so int8 kernels on CPUs without VNNI cannot overflow"
         )
         onnx_int8: bool = graphopt.option(
             False, "form=qdq: signed int8 activations instead of uint8 (S8S8 in onnxruntime)"
