@@ -317,7 +317,19 @@ def inspect(
     ir = _load(model, weights, *load_args)
     before = None
     if compare:
+        from .views import compare_graphs
+
         before = _load(compare, None, *load_args)
+        matched = compare_graphs(before, ir).matched
+        if matched < 0.5:
+            _console(stderr=True).print(
+                f"note: only {matched:.0%} of the nodes of {model} match a node of {compare} "
+                "(reloaded artifacts such as .pt2 lose node names and provenance); for a "
+                "faithful comparison run the pipeline with --passes instead",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
     elif passes:
         from .loading import load_data
         from .manager import PassManager

@@ -67,6 +67,11 @@ class Comparison:
     removed: list[str] = field(default_factory=list)  # "name (kind)"
     totals: dict[str, tuple[int, int]] = field(default_factory=dict)  # params/macs before, after
 
+    @property
+    def matched(self) -> float:
+        """Share of the nodes after that were matched with a node before."""
+        return len(self.before) / len(self.status) if self.status else 1.0
+
     def counts(self) -> dict[str, int]:
         """How many nodes have each status (removed ones included)."""
         counts = Counter(self.status.values())

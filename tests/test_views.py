@@ -199,6 +199,15 @@ def test_inspect_command_writes_every_format(tmp_path, capsys):
     assert compared.code == 0, compared.stderr
     status = {n["name"]: n["status"] for n in json.loads(compared.stdout)["nodes"]}
     assert status["_0"] == "pruned" and status["_6"] == "pruned"  # matched by name
+    assert "note:" not in compared.stderr
+
+    exported = tmp_path / "pruned.pt2"  # torch.export renames every node
+    made = run_main(capsys, "optimize", *SMALL, "--passes", "prune", "-o", str(exported))
+    assert made.code == 0, made.stderr
+    lost = run_main(
+        capsys, "inspect", str(exported), "--compare", SMALL[0], "--input-shape", "2,3,16,16"
+    )
+    assert lost.code == 0 and "note: only" in lost.stderr and "--passes" in lost.stderr
 
 
 @pytest.mark.usefixtures("_tests_importable")
