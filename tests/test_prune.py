@@ -18,6 +18,8 @@ from conftest import randomize_bn
 from graphopt.passes.prune import Prune, analyse
 from graphopt.passes.prune.plan import Selector
 from graphopt.passes.prune.pruner import apply_removal, keep_masks
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import graphopt
@@ -729,3 +731,89 @@ def test_torchvision_half_the_macs(name: str) -> None:
     assert after.params < before.params
     with torch.no_grad():
         assert result.ir.gm(x).shape == model(x).shape == (1, 1000)
+
+
+# -- random architectures ---------------------------------------------------------------------
+
+KINDS = ("conv", "depthwise", "residual", "concat", "split", "chunk", "shuffle", "gate")
+
+
+class RandomNet(nn.Module):
+    """A chain of blocks drawn from KINDS; channel counts stay multiples of 4."""
+
+    def __init__(self, blocks: list[tuple[str, int, int]]) -> None:
+        super().__init__()
+        self.kinds = [kind for kind, _, _ in blocks]
+        self.layers = nn.ModuleList()
+        c = 8
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        for kind, width, groups in blocks:
+            layer = nn.ModuleDict()
+            if kind == "conv":
+                g = groups if c % groups == 0 and width % groups == 0 else 1
+                layer["a"] = cbr(c, width, groups=g)
+                c = width
+            elif kind == "depthwise":
+                layer["a"] = cbr(c, c, groups=c)
+            elif kind == "residual":
+                layer["a"], layer["b"] = cbr(c, width), nn.Conv2d(width, c, 1)
+            elif kind == "concat":
+                layer["a"], layer["b"] = cbr(c, width), nn.Conv2d(c, 4, 1)
+                c = width + 4
+            elif kind in ("split", "chunk"):
+                layer["a"] = nn.Conv2d(c // 2, c // 2, 1)
+            elif kind == "gate":
+                layer["a"], layer["b"] = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)
+            self.layers.append(layer)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for kind, layer in zip(self.kinds, self.layers, strict=True):
+            if kind in ("conv", "depthwise"):
+                x = layer["a"](x)
+            elif kind == "residual":
+                x = x + layer["b"](layer["a"](x))
+            elif kind == "concat":
+                x = torch.cat([layer["a"](x), layer["b"](x)], 1)
+            elif kind == "split":
+                a, b = torch.split(x, x.shape[1] // 2, dim=1)
+                x = torch.cat([layer["a"](a), b], 1)
+            elif kind == "chunk":
+                a, b = x.chunk(2, dim=1)
+                x = torch.cat([b, layer["a"](a)], 1)
+            elif kind == "shuffle":
+                x = channel_shuffle(x, 2)
+            elif kind == "gate":
+                s = torch.sigmoid(layer["b"](F.relu(layer["a"](x.mean((2, 3), keepdim=True)))))
+                x = x * s
+        return self.head(x.mean((2, 3)))
+
+
+blocks = st.lists(
+    st.tuples(st.sampled_from(KINDS), st.sampled_from([4, 8, 12, 16]), st.sampled_from([1, 2, 4])),
+    min_size=1,
+    max_size=5,
+)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=blocks, ratio=st.sampled_from([0.25, 0.5, 0.75]), seed=st.integers(0, 3))
+def test_random_architectures_prune_exactly_or_refuse(spec, ratio: float, seed: int) -> None:
+    """Every random chain either prunes with the zeroed channels changing nothing, or, when
+    no group can go, the pass refuses with one sentence."""
+    torch.manual_seed(seed)
+    model = randomize_bn(RandomNet(spec), seed).eval()
+    x = image(2, 3, 8)
+    _, g, removed = plan(model, x, ratio, seed)
+    if not g.prunable.any():
+        with pytest.raises(GraphoptError, match="nothing in this model can be pruned"):
+            graphopt.optimize(model, f"prune(ratio={ratio})", example_inputs=(x,))
+        return
+    if not removed.any():
+        return  # groups too small for this ratio: nothing to check
+    assert_exact(model, x, [], ratio=ratio, seed=seed)
+    result = graphopt.optimize(model, f"prune(ratio={ratio},round_to=1)", example_inputs=(x,))
+    with torch.no_grad():
+        assert result.ir.gm(x).shape == (2, 5)
+    assert result.ledger[-1].params < result.ledger[0].params

@@ -65,6 +65,9 @@ class Selector:
                 step = 1
             self.groups.append(_Group(members, step))
         self.order = atoms[np.argsort(scores[atoms], kind="stable")]
+        spaces = sorted(v for v in g.spaces.values() if v[1] > 0)
+        self.starts = np.array([start for start, _ in spaces], dtype=np.int64)
+        self.sizes = np.array([size for _, size in spaces], dtype=np.int64)
 
     @property
     def n_atoms(self) -> int:
@@ -103,10 +106,18 @@ class Selector:
         return out
 
     def mask(self, counts: list[int]) -> np.ndarray:
-        """Removal mask (one bool per component) of the least important atoms per group."""
+        """Removal mask (one bool per component) of the least important atoms per group;
+        no tensor dimension loses every element (a group can span several layers, and one
+        of them could otherwise lose all its channels)."""
         removed = np.zeros(self.ncomp, dtype=bool)
         for gr, k in zip(self.groups, counts, strict=True):
             removed[gr.atoms[:k]] = True
+        gone = removed[self.g.comp]
+        emptied = np.flatnonzero(np.minimum.reduceat(gone, self.starts))
+        for s in emptied:
+            comps = self.g.comp[self.starts[s] : self.starts[s] + self.sizes[s]]
+            if removed[comps].all():
+                removed[comps[np.argmax(self.scores[comps])]] = False
         return removed
 
     def removal(self, ratio: float) -> np.ndarray:
