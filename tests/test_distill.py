@@ -256,6 +256,30 @@ def test_depthwise_student_pairs_by_provenance_and_recovers(trained):
     assert acc[2] >= acc[0] - 0.025, acc
 
 
+def test_pruned_resnet18_learns_back_its_teachers_predictions():
+    """A real torchvision architecture (residual blocks, downsample branches): prune to half
+    its MACs, then distil on unlabelled inputs through the eight block-output pairs, whose
+    channel counts pruning changed (1×1 adapters)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18(weights=None, num_classes=10)).eval()
+    gen = torch.Generator().manual_seed(0)
+    xs = torch.randn(96, 3, 32, 32, generator=gen)
+    train = [(xs[i : i + 16],) for i in range(0, 96, 16)]
+    val = [(torch.randn(64, 3, 32, 32, generator=gen),)]
+    result = graphopt.optimize(
+        model,
+        "prune(target=0.5),distill(epochs=2,lr=3e-3,patience=0,progress=false)",
+        example_inputs=(val[0][0][:1],),
+        data=(train, val),
+    )
+    stats = result.ledger[-1].stats
+    assert stats["feature pairs"] == 8
+    assert result.ledger[-1].macs < 0.55 * result.ledger[0].macs
+    assert stats["val agreement after"] > stats["val agreement before"] + 0.3, stats
+
+
 class _Functionalize(graphopt.Pass):
     """Replace each ReLU module node by a functional call (new node, new name)."""
 

@@ -16,6 +16,7 @@ the processes after every epoch, so all processes validate and return the same m
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -87,16 +88,19 @@ def _to(obj: Any, device: torch.device) -> Any:
 
 
 class _Dist:
-    """Rank, world size and whether this loop started the process group (and must end it)."""
+    """Rank and world size; under torchrun, the process group is started on first use.
+
+    The group then lives until the process exits: a later ``distill`` in the same process
+    reuses it (tearing a gloo group down and setting it up again races between processes).
+    """
 
     def __init__(self) -> None:
-        self.started = False
         if not (dist.is_available() and dist.is_initialized()):
             if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
                 self.rank, self.world = 0, 1
                 return
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-            self.started = True
+            atexit.register(_end_process_group)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
     def shard(self, batch: Any, loader: Any) -> Any:
@@ -122,9 +126,10 @@ class _Dist:
         if self.world > 1:
             dist.barrier()
 
-    def close(self) -> None:
-        if self.started:
-            dist.destroy_process_group()
+
+def _end_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _device(choice: str, rank_dist: _Dist) -> torch.device:
@@ -282,7 +287,6 @@ def fit(
         student.to(home)
         _restore(student_modes)
         _restore(teacher_modes)
-        ranks.close()
 
 
 def _fit(
