@@ -505,3 +505,22 @@ def test_default_range_does_not_overflow_avx2_kernels():
     with torch.no_grad():
         assert sqnr_db(sim(x), int8(x)) > 35
         assert sqnr_db(model(x), int8(x)) > 30
+
+
+class Broadcasts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.shift = nn.Parameter(torch.randn(1, 8, 1, 1))
+
+    def forward(self, x):
+        y = self.conv(x) + self.shift  # broadcasting add: int8 add cannot
+        return torch.relu(y) * (x.shape[1] + 1)  # an add of Python ints
+
+
+def test_adds_int8_cannot_do_stay_float():
+    torch.manual_seed(0)
+    model, x = Broadcasts().eval(), torch.randn(2, 3, 8, 8)
+    result = quantize(model, x, data=[(x,)])
+    assert result.ledger[-1].stats == {"layers quantized": 1}
+    assert out_sqnr(model, result.ir.gm, x) > 30

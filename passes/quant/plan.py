@@ -180,6 +180,16 @@ def _val_is_tensor(node: Any) -> bool:
     return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
 
 
+def _operands_fit(node: fx.Node, kind: str) -> bool:
+    """Float tensors in and out; an add's operands of one shape (int8 add does not broadcast)."""
+    inputs = _tensor_inputs(node, kind)
+    if not _val_is_tensor(node) or not all(_val_is_tensor(a) for a in inputs):
+        return False
+    if kind == "add":
+        return inputs[0].meta["val"].shape == inputs[1].meta["val"].shape
+    return True
+
+
 def make_plan(ir: GraphIR, skip: Iterable[str], skip_types: Iterable[str]) -> Plan:
     """Decide sites, fusions and int8 states for every node of ``ir``."""
     ir.analysis("shapes")
@@ -190,7 +200,7 @@ def make_plan(ir: GraphIR, skip: Iterable[str], skip_types: Iterable[str]) -> Pl
             plan.quantized.add(node)
             continue
         kind = _site_of(node, ir)
-        if kind is not None and not _val_is_tensor(node):
+        if kind is not None and not _operands_fit(node, kind):
             kind = None
         if kind is not None and _matches(node, ir, skip, skip_types):
             plan.skipped.append(node.name)
