@@ -346,19 +346,9 @@ def _fit(
             opt.step()
 
 
-def _recalibrate_bn(model: nn.Module, x: torch.Tensor) -> None:
-    """Re-estimate BatchNorm statistics of the substituted model on training data."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the whole pass
-    model.train()
-    with torch.no_grad():
-        model(x)
-    model.eval()
-
-
-def test_digits_cnn_recovers_within_two_points_after_depthwise() -> None:
+def test_digits_cnn_within_two_points_after_depthwise_and_distill() -> None:
+    """The issue's accuracy check: substitute at 40 % of the MACs, then the pipeline's own
+    recovery passes (BatchNorm recalibration, knowledge distillation) on real data."""
     torch.manual_seed(0)
     x_train, y_train, x_test, y_test = _digits()
     teacher = DigitsNet()
@@ -366,23 +356,22 @@ def test_digits_cnn_recovers_within_two_points_after_depthwise() -> None:
     original = _accuracy(teacher, x_test, y_test)
     assert original > 0.95
 
-    result = _run(teacher, "depthwise(macs_ratio=0.4)", x_test[:8])
-    student = result.ir.gm
-    assert len(_pairs(student)) == 3
-    assert result.ledger[-1].macs < 0.4 * result.ledger[0].macs
-    substituted = _accuracy(student, x_test, y_test)
-    assert substituted < original - 0.2  # the substitution is lossy at this target …
-    _recalibrate_bn(student, x_train)
-    recalibrated = _accuracy(student, x_test, y_test)
-    assert recalibrated > substituted + 0.1  # … BatchNorm recalibration recovers part …
+    substituted = _run(teacher, "depthwise(macs_ratio=0.4)", x_test[:8])
+    assert len(_pairs(substituted.ir.gm)) == 3
+    assert substituted.ledger[-1].macs < 0.4 * substituted.ledger[0].macs
+    lossy = _accuracy(substituted.ir.gm, x_test, y_test)
+    assert lossy < original - 0.2  # far off without recovery at this target
 
-    # … and a short distillation from the original recovers the rest. The `distill` pass is
-    # not in the tree yet, so this is a plain knowledge-distillation loop.
-    teacher.eval()
-    _fit(student, x_train, y_train, epochs=8, lr=3e-3, teacher=teacher)
-    recovered = _accuracy(student, x_test, y_test)
+    # training batches only (no validation split: distill keeps the last epoch); the 497
+    # test images are only used to measure
+    train = [(x_train[i : i + 64], y_train[i : i + 64]) for i in range(0, len(y_train), 64)]
+    pipeline = "depthwise(macs_ratio=0.4),bnrecal,distill(epochs=8,lr=0.003,progress=false)"
+    manager = graphopt.PassManager(pipeline, reproducer=False)
+    result = manager.run(graphopt.trace(teacher.eval(), (x_test[:8],)), data=train)
+    recovered = _accuracy(result.ir.gm, x_test, y_test)
+    assert [e.step.split("(")[0] for e in result.ledger[1:]] == ["depthwise", "bnrecal", "distill"]
     print(
-        f"digits accuracy: original {original:.4f}, after depthwise {substituted:.4f}, "
-        f"BN recalibrated {recalibrated:.4f}, after KD fine-tune {recovered:.4f}"
+        f"digits accuracy: original {original:.4f}, after depthwise {lossy:.4f}, after "
+        f"bnrecal + distill {recovered:.4f}"
     )
     assert recovered >= original - 0.02
