@@ -48,7 +48,9 @@ def test_every_cli_command_is_documented():
         assert f"`{name}" in cli_doc, f"command {name} missing from docs/cli.md"
 
 
-@pytest.mark.parametrize("script", ["custom_pass.py", "inspect_and_optimize.py", "quant_digits.py"])
+@pytest.mark.parametrize(
+    "script", ["custom_pass.py", "inspect_and_optimize.py", "quant_digits.py", "prune_resnet.py"]
+)
 def test_examples_run(script, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = [script]
