@@ -10,6 +10,9 @@ CPU latency of the pruned model as a ratio to the original (median of interleave
     pip install torch-pruning        # or: pip install -e '.[bench]'
     python benchmarks/prune.py --models resnet18,vit_b_16,swin_t --ratio 0.5
 
+``--coverage --models all`` instead runs ``prune(target=RATIO)`` on every torchvision
+classifier through ``graphopt.optimize`` and reports how close each gets to the MACs target.
+
 graphopt's time is the trace plus the pass itself (the pass manager's ledger, probe runs and
 checks are not included; ``--full`` adds a column with the whole ``graphopt.optimize`` call).
 Torch-Pruning's time is building its dependency graph plus ``pruner.step()``. Timings on a
@@ -142,6 +145,30 @@ def attempt(
         return None, 0.0, f"{type(exc).__name__}: {line[:120]}"
 
 
+def coverage(names: list[str], target: float, size: int) -> None:
+    """One line per model: does ``prune(target=…)`` give a working model, and how close to
+    the MACs target (as the pass manager's ledger counts them)."""
+    print(f"{'model':20s} {'input':>5s} {'result':>6s} {'MACs %':>6s} {'params %':>8s} {'s':>6s}")
+    within = 0
+    for name in names:
+        side = SIZES.get(name, size)
+        x = torch.randn(1, 3, side, side)
+        start = time.perf_counter()
+        try:
+            model = build(name)
+            result = graphopt.optimize(model, f"prune(target={target})", example_inputs=(x,))
+            with torch.no_grad():
+                assert result.ir.gm(x).shape == model(x).shape, "output shape changed"
+            first, last = result.ledger[0], result.ledger[-1]
+            macs, params = 100 * last.macs / first.macs, 100 * last.params / first.params
+            within += abs(macs - 100 * target) <= 5
+            row = f"{'ok':>6s} {macs:6.1f} {params:8.1f}"
+        except Exception as exc:  # reported, not raised: the table is the result
+            row = f"{'FAIL':>6s} {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+        print(f"{name:20s} {side:5d} {row} {time.perf_counter() - start:6.1f}", flush=True)
+    print(f"\n{within}/{len(names)} models within 5 points of {100 * target:.0f}% MACs")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=DEFAULT_MODELS)
@@ -151,8 +178,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--full", action="store_true", help="also time graphopt.optimize")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks")
+    parser.add_argument(
+        "--coverage",
+        action="store_true",
+        help="graphopt only: prune(target=RATIO) of the MACs through graphopt.optimize; "
+        "'--models all' lists every torchvision classifier",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.models == "all":
+        args.models = ",".join(torchvision.models.list_models(module=torchvision.models))
+    if args.coverage:
+        coverage(args.models.split(","), args.ratio, args.size)
+        return
     header = (
         f"{'model':20s} {'graphopt':>8s} {'TP':>8s} {'go s':>6s} {'TP s':>6s} {'speedup':>7s} "
         f"{'go MACs%':>8s} {'TP MACs%':>8s} {'go par%':>7s} {'TP par%':>7s} "
