@@ -2,11 +2,12 @@
 self-contained HTML page with pan, zoom, search and per-node details.
 
 Given the graph before a pipeline as well, each node of the graph after it is classified
-against the node it came from (its provenance, :data:`graphopt.ORIGIN`): *pruned* (same
-operation, fewer parameters or channels), *quantized* (an integer or fake-quantized
-operation), *replaced* (another operation), *changed* (same operation, other parameters or
-shape), *new* (no origin in the graph before) or *unchanged*; nodes of the graph before that
-nothing stands for any more are listed as *removed*.
+against the node it came from (the node of the same name, else its provenance,
+:data:`graphopt.ORIGIN`): *pruned* (same operation, fewer parameters or channels),
+*quantized* (an integer or fake-quantized operation), *replaced* (another operation),
+*changed* (same operation, other parameters or shape), *new* (no origin in the graph before)
+or *unchanged*; nodes of the graph before that nothing stands for any more are listed as
+*removed*.
 
 >>> import torch, graphopt
 >>> from graphopt.views import compare_graphs, render_svg
@@ -84,15 +85,16 @@ def _kind(row: dict[str, Any]) -> str:
     return str(row["module"] or row["target"])
 
 
-_QUANT_WORDS = ("quantized", "quantize_per", "fake_quant", "fakequant", "int8", "qint")
+_QUANT_WORDS = ("quantized", "quantize", "fake_quant", "fakequant", "int8", "qint")
 
 
 def _is_quantized(ir: GraphIR, row: dict[str, Any]) -> bool:
     """An integer or fake-quantized operation: a module from a quantized namespace or with
     a fake-quant class name, a quantize/dequantize call, or an int8 result."""
     path = ""
-    if row["op"] == "call_module":
-        path = type(ir.gm.get_submodule(str(row["target"]))).__module__
+    if row["op"] == "call_module":  # the module, its parametrizations and children
+        module = ir.gm.get_submodule(str(row["target"]))
+        path = " ".join(f"{type(m).__module__}.{type(m).__name__}" for m in module.modules())
     text = f"{path} {row['module']} {row['target']} {row['dtype']}".lower()
     return any(w in text for w in _QUANT_WORDS)
 
@@ -137,16 +139,15 @@ def compare_graphs(before: GraphIR, after: GraphIR) -> Comparison:
 def _origin(row: dict[str, Any], old: dict[str, dict[str, Any]]) -> str | None:
     """The node of the graph before that ``row`` stands for.
 
-    A node that kept its name and kind is itself (a fused conv keeps its name while its
-    provenance names the BatchNorm it absorbed); otherwise its provenance; otherwise its
-    name (artifacts reloaded from disk have lost their provenance).
+    A node that kept its name is itself, even if a pass swapped its operation (fx names are
+    unique, and a conv that absorbed a BatchNorm keeps its name while its provenance names
+    the BatchNorm); a renamed node is the one its provenance names; a node with neither
+    (new, or from an artifact reloaded without provenance) stands for nothing.
     """
     name = row["name"]
-    if name in old and _kind(old[name]) == _kind(row):
+    if name in old:
         return name
-    if row["origin"] in old:
-        return str(row["origin"])
-    return name if name in old else None
+    return str(row["origin"]) if row["origin"] in old else None
 
 
 def _narrower(shape: list[int] | None, prev: list[int] | None) -> bool:

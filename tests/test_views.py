@@ -360,3 +360,25 @@ def test_inspect_plot_option(tmp_path, capsys):
     bad = run_main(capsys, "inspect", *SMALL, "--plot", str(tmp_path / "d.png"))
     assert bad.code == 2 and "--passes or --compare" in bad.stderr
     assert not (tmp_path / "d.png").exists()
+
+
+@pytest.mark.usefixtures("_tests_importable")
+def test_classification_after_the_quant_pass():
+    from models_for_cli import batches, small_cnn
+
+    torch.manual_seed(0)
+    before = graphopt.trace(randomize_bn(small_cnn()).eval(), (torch.randn(2, 3, 16, 16),))
+    statuses = {}
+    for form in ("int8", "qat"):
+        pipeline = "fold,quant" if form == "int8" else "fold,quant(form=qat)"
+        after = graphopt.optimize(before, pipeline, data=batches()).ir
+        comparison = compare_graphs(before, after)
+        statuses[form] = comparison.status
+        assert "_1 (BatchNorm2d)" in comparison.removed  # folded into the conv
+    int8, qat = statuses["int8"], statuses["qat"]
+    assert int8["_0"] == int8["_6"] == "quantized"  # int8 conv(+relu) and linear kernels
+    assert int8["quantize_per_tensor"] == int8["dequantize"] == "quantized"
+    assert qat["_0"] == qat["_6"] == "quantized"  # weights fake-quantized by parametrization
+    assert [n for n, s in qat.items() if n.startswith("fake_quant")]
+    assert all(s == "quantized" for n, s in qat.items() if n.startswith("fake_quant"))
+    assert int8["_4"] == qat["_4"] == "unchanged"  # the pooling is left alone
