@@ -536,10 +536,15 @@ def test_plugin_criterion_through_the_hook(monkeypatch) -> None:
     assert kept_rows(model.a[0].weight, ir.gm.get_submodule("a.0").weight) == WEAK
 
 
-def test_data_criteria_need_data() -> None:
-    for criterion in ("activation", "apoz", "taylor"):
-        with pytest.raises(GraphoptError, match=f"criterion '{criterion}' needs data"):
-            prune_plain(weak_model("weights"), f"criterion={criterion}")
+def test_taylor_needs_data_activations_fall_back_on_probe_inputs() -> None:
+    with pytest.raises(GraphoptError, match="criterion 'taylor' needs data"):
+        prune_plain(weak_model("weights"), "criterion=taylor")
+    model = weak_model("activation")
+    result = graphopt.optimize(model.eval(), "prune(criterion=apoz,round_to=1)",
+                               example_inputs=(image(4),))  # fmt: skip
+    kept = kept_rows(model.a[0].weight, result.ir.gm.get_submodule("a.0").weight)
+    assert sorted(set(range(16)) - set(kept)) == WEAK
+    assert any("probe inputs" in n for n in result.ledger[-1].notes)
 
 
 # -- targets ----------------------------------------------------------------------------------

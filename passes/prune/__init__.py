@@ -239,6 +239,13 @@ class Prune(graphopt.Pass):
         if o.criterion not in criteria():
             known = ", ".join(sorted(criteria()))
             raise GraphoptError(f"unknown pruning criterion '{o.criterion}'; choose one of {known}")
+        data = ctx.data
+        if data is None and o.criterion in ("activation", "apoz"):
+            # no calibration data: the probe inputs (the example inputs) are all there is
+            data = [tuple(ctx.probe_inputs)]
+            ctx.note(
+                f"criterion {o.criterion} scored on the probe inputs; pass data for a real one"
+            )
         macs = known_macs(ir) or observe(ir)
         macs0, params0 = sum(macs.values()), ir.total_params()
         current = ir
@@ -258,7 +265,7 @@ class Prune(graphopt.Pass):
                 max_layer_ratio=o.max_layer_ratio,
                 round_to=o.round_to,
                 ignore=o.ignore,
-                data=ctx.data,
+                data=data,
                 seed=o.seed,
                 macs=macs,
                 **kwargs,  # type: ignore[arg-type]
