@@ -822,3 +822,25 @@ def test_random_architectures_prune_exactly_or_refuse(spec, ratio: float, seed: 
     with torch.no_grad():
         assert result.ir.gm(x).shape == (2, 5)
     assert result.ledger[-1].params < result.ledger[0].params
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def test_cli_prunes_and_refuses_bad_options(capsys, tmp_path) -> None:
+    from conftest import run_main
+
+    out = tmp_path / "small.pt2"
+    run = run_main(
+        capsys, "optimize", "torchvision:resnet18", "--input-shape", "1,3,32,32",
+        "--passes", "prune(target=0.5,criterion=l2)", "-o", str(out),
+    )  # fmt: skip
+    assert run.code == 0, run.stderr
+    assert out.exists()
+    bad = tmp_path / "bad.pt2"
+    run = run_main(
+        capsys, "optimize", "torchvision:resnet18", "--input-shape", "1,3,32,32",
+        "--passes", "prune(criterion=magic)", "-o", str(bad),
+    )  # fmt: skip
+    assert run.code == 2 and "unknown pruning criterion 'magic'" in run.stderr
+    assert "Traceback" not in run.stderr and not bad.exists()
