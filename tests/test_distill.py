@@ -359,6 +359,29 @@ def test_prune_to_40_percent_of_the_macs_then_distill_to_within_a_point_of_the_t
     assert accuracy(teacher, test) == acc[0]  # the caller's model is untouched
 
 
+def test_pruned_int8_model_recovers_through_qat_and_distillation():
+    """prune to 40 % of the MACs, distil, then quantization-aware training (fake-quant from
+    ``quant(form=qat)``) distilled from the float original, then int8: the int8 pruned model
+    ends within a point of the float teacher; without training it does not come close."""
+    torch.manual_seed(0)
+    train, val, test = digits_splits()
+    teacher = train_classifier(DigitsNet(32), train)
+    x = (test[0][0][:1],)
+    data = TrainVal(train, val)  # quant calibrates on the training batches
+    prune = "prune(target=0.4,round_to=1)"
+    plain = graphopt.optimize(teacher, f"{prune},fold,quant", example_inputs=x, data=data)
+    pipeline = (
+        f"{prune},distill(epochs=15,lr=3e-3,patience=5,progress=false),fold,quant(form=qat),"
+        "distill(epochs=3,patience=0,progress=false),quant"
+    )
+    result = graphopt.optimize(teacher, pipeline, example_inputs=x, data=data)
+    assert any(str(n.target).startswith("quantized.conv2d") for n in result.ir.graph.nodes)
+    acc = [accuracy(m, test) for m in (teacher, plain.ir.gm, result.ir.gm)]
+    print(f"test accuracy teacher {acc[0]:.4f} int8 pruned {acc[1]:.4f} after QAT {acc[2]:.4f}")
+    assert acc[1] < acc[0] - 0.3
+    assert acc[2] >= acc[0] - 0.01
+
+
 def test_iterative_prune_and_recover_schedule(trained):
     teacher, train, val = trained
     x = (val[0][0][:1],)

@@ -75,7 +75,8 @@ class Distill(graphopt.Pass):
     name = "distill"
     summary = "Recover accuracy by knowledge distillation from the original model (needs data)."
     exact = False
-    keeps = ()
+    # training changes weights, never shapes; a prune_targets schedule re-analyses itself
+    keeps = ("shapes", "costs")
     after = ("prune", "depthwise", "sparsify", "bnrecal")
 
     @dataclass
