@@ -316,6 +316,7 @@ def inspect(
     load_args = (trust_pickle, input_shape, input_dtype, leaf_module, concrete_arg)
     ir = _load(model, weights, *load_args)
     before = None
+    title = f"{model} against {compare}" if compare else model
     if compare:
         from .views import compare_graphs
 
@@ -337,6 +338,7 @@ def inspect(
         manager = PassManager(passes, registry=_registry(ctx), console=_console(stderr=True))
         before = ir
         ir = manager.run(ir, data=load_data(data) if data else None).ir
+        title = f"{model} after {manager.pipeline}"
     if plot and before is not None:
         from .plots import plot_channels
 
@@ -349,7 +351,7 @@ def inspect(
         else:
             _console().print(table)
         return
-    text = render(ir, format, before)
+    text = render(ir, format, before, title=title)
     if output:
         write_text_atomic(output, text)
     else:

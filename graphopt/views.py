@@ -413,9 +413,14 @@ def render_json(ir: GraphIR, before: GraphIR | None = None) -> str:
 FORMATS = ("table", "json", "dot", "svg", "html")
 
 
-def render(ir: GraphIR, format: str, before: GraphIR | None = None) -> str:
-    """``ir`` in one of the text formats of :data:`FORMATS` (all but ``table``)."""
-    renderers = {"json": render_json, "dot": render_dot, "svg": render_svg, "html": render_html}
+def render(
+    ir: GraphIR, format: str, before: GraphIR | None = None, *, title: str | None = None
+) -> str:
+    """``ir`` in one of the text formats of :data:`FORMATS` (all but ``table``); ``title``
+    heads the HTML page."""
+    if format == "html":
+        return render_html(ir, before, title=title)
+    renderers = {"json": render_json, "dot": render_dot, "svg": render_svg}
     return renderers[format](ir, before)
 
 

@@ -183,6 +183,7 @@ def test_inspect_command_writes_every_format(tmp_path, capsys):
     assert run.code == 0, run.stderr
     assert run.stdout.startswith("<!DOCTYPE html>")
     assert "pruned 6" in run.stdout and "_1 (BatchNorm2d)" in run.stdout
+    assert "<h1>models_for_cli:small_cnn after prune,fold</h1>" in run.stdout
     run = run_main(capsys, "inspect", *SMALL, "-f", "html", "-o", str(page))
     assert run.code == 0 and "<svg" in page.read_text()
     assert oct(page.stat().st_mode & 0o777) != oct(0o600)  # a page to share, not a secret
