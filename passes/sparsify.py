@@ -140,8 +140,8 @@ class Sparsify(graphopt.Pass):
         ctx.stat("weights zero", zero_total)
         ctx.stat("sparsity %", round(100 * zero_total / size_total, 2))
         ctx.note(
-            "sparsify is lossy: fine-tune or distill afterwards; training moves zeroed weights "
-            "away from zero, so run sparsify again after it to restore the sparsity"
+            "sparsify is lossy: follow it with distill, which keeps zero weights at zero "
+            "(after other fine-tuning, run sparsify again)"
         )
 
     def _select(self, gm: nn.Module, ctx: PassContext) -> list[tuple[str, nn.Module, str]]:
