@@ -3,8 +3,9 @@
 Trains a small CNN on scikit-learn's 8×8 digits (the teacher), prunes whole channels until
 40 % of its multiply-accumulates are left, and distils the teacher into the pruned model
 in the same pipeline. For comparison it also fine-tunes the pruned model on the labels
-alone (``alpha=0, beta=0, gamma=1``) and runs the gradual schedule
-(``prune_targets=[0.7,0.4]``). Accuracies are on a held-out test split; the validation
+alone (``alpha=0, beta=0, gamma=1``), quantizes the pruned model to int8 with and without
+quantization-aware training (distilled from the float teacher), and runs the gradual
+schedule (``prune_targets=[0.7,0.4]``). Accuracies are on a held-out test split; the validation
 split only drives early stopping.
 
     python examples/distill_digits.py [--epochs 15]
@@ -17,6 +18,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from graphopt.passes.distill import TrainVal
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -84,6 +86,7 @@ def main() -> None:
     train, val, test = splits()
     teacher = train_teacher(train)
     x = (test[0][0][:1],)
+    data = TrainVal(train, val)  # quant calibrates on it as plain training batches
     prune = "prune(target=0.4,round_to=1)"
     train_opts = f"epochs={args.epochs},lr=3e-3,patience=5,progress=false"
     labels_only = f"{train_opts},alpha=0,beta=0,gamma=1"
@@ -91,6 +94,11 @@ def main() -> None:
         "pruned, no training": prune,
         "pruned + fine-tuned on labels only": f"{prune},distill({labels_only})",
         "pruned + distilled": f"{prune},distill({train_opts})",
+        "pruned, int8, no training": f"{prune},fold,quant",
+        "pruned + distilled, QAT int8 distilled": (
+            f"{prune},distill({train_opts}),fold,quant(form=qat),"
+            "distill(epochs=3,patience=0,progress=false),quant"
+        ),
         "gradual: 70 % → 40 %, distilled each time": (
             f'distill(prune_targets=[0.7,0.4],prune="{prune}",'
             f"epochs={max(args.epochs // 2, 1)},lr=3e-3,patience=0,progress=false)"
@@ -100,7 +108,7 @@ def main() -> None:
     print(f"{'teacher':<45} {'100.0%':>8} {accuracy(teacher, test):>14.2%} {'':>8}")
     for label, pipeline in runs.items():
         start = time.perf_counter()
-        result = graphopt.optimize(teacher, pipeline, example_inputs=x, data=(train, val))
+        result = graphopt.optimize(teacher, pipeline, example_inputs=x, data=data)
         seconds = time.perf_counter() - start
         macs = result.ledger[-1].macs / result.ledger[0].macs
         acc = accuracy(result.ir.gm, test)
