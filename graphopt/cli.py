@@ -413,11 +413,6 @@ def report(
             second = load_for_report(other, inputs=first.inputs, **args)
             reports.append(measure(second, runs=runs, warmup=warmup, onnx=onnx))
             agree = agreement(first, second, batches)
-            if weights is None and not os.path.exists(model):
-                reports[0].notes.append(
-                    "built with fresh random weights, so no other model can agree with it; "
-                    "give --weights or a saved model file to compare"
-                )
     if as_json:
         sys.stdout.write(json.dumps(report_json(reports, agree), indent=2) + "\n")
     else:

@@ -5,6 +5,9 @@ MODEL is one of:
 * ``torchvision:NAME`` — built with ``weights=None`` (pretrained weights cannot be fetched
   here; give your own with ``weights=``);
 * ``package.module:callable`` or ``path/to/file.py:callable`` — a factory returning a module;
+
+  both are built with torch seeded to :data:`BUILD_SEED`, so their random initial weights
+  are the same on every load (an artifact can be compared with the model it came from);
 * a ``.pt2`` torch.export archive;
 * a ``.pt``/``.pth`` file: a state dict (needs a model from one of the forms above) is read
   with ``weights_only=True``; a pickled whole module runs code when loaded, so it is read
@@ -13,13 +16,14 @@ MODEL is one of:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import pickle
 import sys
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +118,20 @@ def default_input_shapes(
     return None
 
 
+#: the seed randomly initialised models are built with, so a spec loads the same weights twice
+BUILD_SEED = 0
+
+
+@contextlib.contextmanager
+def seeded(seed: int = BUILD_SEED) -> Iterator[None]:
+    """Run the body with torch's CPU generator seeded, restoring the caller's state after:
+    ``torchvision:NAME`` and factories then give the same weights on every load, so a model
+    can be compared with an artifact made from it, and the caller's random stream is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _torchvision_shape(name: str) -> tuple[int, ...] | None:
     from torchvision import models
 
@@ -168,7 +186,8 @@ def _load_torchvision(name: str) -> LoadedModel:
             f"torchvision has no model '{name}'{hint}; 'python -c \"import torchvision; "
             "print(torchvision.models.list_models())\"' lists them"
         )
-    module = models.get_model(name, weights=None)
+    with seeded():
+        module = models.get_model(name, weights=None)
     shapes = default_input_shapes(module, name)
     return LoadedModel(module, f"torchvision:{name}", input_shapes=shapes)
 
@@ -218,7 +237,8 @@ def _load_factory(spec: str) -> LoadedModel:
         module = factory
     elif callable(factory):
         try:
-            module = factory()
+            with seeded():
+                module = factory()
         except Exception as exc:
             raise GraphoptError(
                 f"calling '{spec}' failed with {type(exc).__name__}: {first_line(exc)}; the "

@@ -87,3 +87,16 @@ def test_data_file(tmp_path):
     torch.save(torch.randn(5, 3, 8, 8), tmp_path / "calib.pt")
     batches = load_data(str(tmp_path / "calib.pt"))
     assert len(batches) == 5 and batches[0][0].shape == (1, 3, 8, 8)
+
+
+def test_random_models_load_the_same_weights_every_time_without_touching_the_caller_rng():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = load_model("torchvision:mobilenet_v3_small").module.state_dict()
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's stream is unchanged
+    second = load_model("torchvision:mobilenet_v3_small").module.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    a = load_model("models_for_cli:small_cnn").module.state_dict()
+    b = load_model("models_for_cli:small_cnn").module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -222,10 +222,12 @@ def test_onnx_artifact_is_timed_in_onnxruntime(digits, tmp_path):
     assert b["artifact"]["pipeline"] == "fold"
 
 
-def test_fresh_random_model_compared_gets_a_warning(digits, capsys):
-    run = run_main(capsys, "report", digits["spec"], digits["spec"], "--no-onnx", "--runs", "1")
+def test_a_random_model_loads_the_same_weights_so_it_agrees_with_itself(digits, capsys):
+    args = ("report", digits["spec"], digits["spec"], "--no-onnx", "--runs", "1", "--json")
+    run = run_main(capsys, *args)
     assert run.code == 0, run.stderr
-    assert "fresh random weights" in run.stdout
+    data = json.loads(run.stdout)
+    assert data["agreement"]["max_abs_err"] == 0.0 and data["agreement"]["top1"] == 1.0
 
 
 def test_report_in_a_real_subprocess(digits, tmp_path):
