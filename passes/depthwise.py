@@ -132,10 +132,11 @@ class Depthwise(graphopt.Pass):
 
     @dataclass
     class Options:
-        max_error: float = graphopt.option(
-            _DEFAULT_MAX_ERROR,
-            "per layer, the smallest T whose relative weight error stays within this budget",
-            check=lambda v: 0 <= v < 1,
+        max_error: float | None = graphopt.option(
+            None,
+            "per layer, the smallest T whose relative weight error stays within this budget "
+            f"({_DEFAULT_MAX_ERROR} when neither rank nor macs_ratio is given)",
+            check=lambda v: v is None or 0 <= v < 1,
             check_msg="a relative error in [0, 1)",
         )
         rank: int | None = graphopt.option(
@@ -202,7 +203,7 @@ class Depthwise(graphopt.Pass):
             for name, given in (
                 ("rank", opts.rank is not None),
                 ("macs_ratio", opts.macs_ratio is not None),
-                ("max_error", opts.max_error != _DEFAULT_MAX_ERROR),
+                ("max_error", opts.max_error is not None),
             )
             if given
         ]
@@ -250,7 +251,8 @@ class Depthwise(graphopt.Pass):
                 return None
         else:
             # Smallest T within budget; a tiny slack absorbs float error at full rank.
-            within = (errors <= opts.max_error + 1e-12).nonzero()
+            budget = _DEFAULT_MAX_ERROR if opts.max_error is None else opts.max_error
+            within = (errors <= budget + 1e-12).nonzero()
             rank = max(int(within[0]), 1)
         return DepthwisePlan(target, rank, full, macs_ratio(rank, n, kernel), float(errors[rank]))
 

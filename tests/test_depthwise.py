@@ -255,6 +255,7 @@ def test_module_called_twice_is_replaced_once_and_shared() -> None:
     [
         ("depthwise(rank=2,macs_ratio=0.5)", "give only one of rank, macs_ratio or max_error"),
         ("depthwise(rank=2,max_error=0.3)", "give only one of rank, macs_ratio or max_error"),
+        ("depthwise(max_error=0.1,rank=2)", "give only one of rank, macs_ratio or max_error"),
         ("depthwise(rank=0)", "expected a whole number ≥ 1"),
         ("depthwise(macs_ratio=1.5)", "expected a fraction in (0, 1]"),
         ("depthwise(max_error=1)", "expected a relative error in [0, 1)"),

@@ -128,10 +128,11 @@ class LowRank(graphopt.Pass):
 
     @dataclass
     class Options:
-        energy: float = graphopt.option(
-            _DEFAULT_ENERGY,
-            "per layer, the smallest rank keeping this fraction of the squared singular values",
-            check=lambda v: 0 < v <= 1,
+        energy: float | None = graphopt.option(
+            None,
+            "per layer, the smallest rank keeping this fraction of the squared singular values "
+            f"({_DEFAULT_ENERGY} unless macs_ratio is given)",
+            check=lambda v: v is None or 0 < v <= 1,
             check_msg="a fraction in (0, 1]",
         )
         macs_ratio: float | None = graphopt.option(
@@ -150,7 +151,7 @@ class LowRank(graphopt.Pass):
 
     def run(self, ir: graphopt.GraphIR, ctx: graphopt.PassContext) -> None:
         opts = self.options
-        if opts.macs_ratio is not None and opts.energy != _DEFAULT_ENERGY:
+        if opts.macs_ratio is not None and opts.energy is not None:
             raise graphopt.GraphoptError(
                 "lowrank got both energy and macs_ratio, which each choose the rank; give only "
                 "one of them"
@@ -232,7 +233,8 @@ class LowRank(graphopt.Pass):
             )
         else:
             # smallest rank within the threshold; the slack absorbs rounding at full energy
-            rank = int((energy >= self.options.energy - 1e-12).nonzero()[0])
+            wanted = _DEFAULT_ENERGY if self.options.energy is None else self.options.energy
+            rank = int((energy >= wanted - 1e-12).nonzero()[0])
             rank = max(rank, 1)
         ratio = factor_ratio(rank, rows, cols)
         return _Plan(target, rank, max_rank, ratio, float(energy[rank]), work, basis, right)

@@ -224,6 +224,7 @@ def test_kept_layers_ignore_kinds_and_shared_modules(registry) -> None:
     ("pipeline", "message"),
     [
         ("lowrank(energy=0.5,macs_ratio=0.5)", "give only one of them"),
+        ("lowrank(energy=0.9,macs_ratio=0.5)", "give only one of them"),
         ("lowrank(macs_ratio=1)", "expected a fraction in (0, 1)"),
         ("lowrank(energy=0)", "expected a fraction in (0, 1]"),
         ("lowrank(layers=attention)", "attention"),
