@@ -844,3 +844,36 @@ def test_cli_prunes_and_refuses_bad_options(capsys, tmp_path) -> None:
     )  # fmt: skip
     assert run.code == 2 and "unknown pruning criterion 'magic'" in run.stderr
     assert "Traceback" not in run.stderr and not bad.exists()
+
+
+# -- block pruning ----------------------------------------------------------------------------
+
+
+def test_blocks_drop_the_branch_that_adds_nothing() -> None:
+    """resnet18 with one residual branch silenced (its last BatchNorm zeroed): blocks=1
+    drops exactly that branch, and the output does not change."""
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18(weights=None)).eval()
+    with torch.no_grad():
+        model.layer2[1].bn2.weight.zero_()
+        model.layer2[1].bn2.bias.zero_()
+    x = image(1, 3, 64)
+    result = graphopt.optimize(model, "prune(blocks=1,ratio=0)", example_inputs=(x,))
+    gm = result.ir.gm
+    assert result.ledger[-1].stats["blocks dropped"] == 1
+    names = {n for n, _ in gm.named_modules()}
+    assert "layer2.1.conv1" not in names and "layer2.0.conv1" in names
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_with_channels_and_attention() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(weights=None, image_size=32).eval()
+    x = image(1, 3, 32)
+    result = graphopt.optimize(model, "prune(blocks=6,target=0.5)", example_inputs=(x,))
+    last = result.ledger[-1]
+    assert last.stats["blocks dropped"] == 6
+    assert last.macs / result.ledger[0].macs == pytest.approx(0.5, abs=0.05)
+    with torch.no_grad():
+        assert result.ir.gm(x).shape == (1, 1000)

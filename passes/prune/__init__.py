@@ -25,8 +25,9 @@ import numpy as np
 import graphopt
 from graphopt import GraphIR, GraphoptError, PassContext
 
+from .blocks import drop_blocks
 from .deps import ChannelGraph, analyse
-from .importance import criteria, register_criterion, scorer
+from .importance import criteria, register_criterion, scorer, split_batch
 from .plan import Estimator, Selector
 from .pruner import ResizeFailed, apply_removal, known_macs, light_copy, observe
 
@@ -233,6 +234,12 @@ class Prune(graphopt.Pass):
         )
         ignore: list[str] = graphopt.option([], "node-name globs whose layers stay whole")
         seed: int = graphopt.option(0, "seed of the random criterion")
+        blocks: int = graphopt.option(
+            0,
+            "first drop this many residual blocks (y = x + f(x) becomes y = x), those adding "
+            "least to the residual stream; ratio=0 drops blocks only",
+            check=lambda v: v >= 0,
+        )
 
     def run(self, ir: GraphIR, ctx: PassContext) -> None:
         o = self.options
@@ -248,8 +255,13 @@ class Prune(graphopt.Pass):
             )
         macs = known_macs(ir) or observe(ir)
         macs0, params0 = sum(macs.values()), ir.total_params()
+        if o.blocks:
+            macs = self._drop_blocks(ir, ctx, data)
         current = ir
+        result = None
         for step in range(1, o.steps + 1):
+            if o.target is None and o.ratio == 0:
+                break
             kwargs: dict[str, object] = {}
             if o.target is not None:
                 base = macs0 if o.metric == "macs" else params0
@@ -279,20 +291,31 @@ class Prune(graphopt.Pass):
                     ctx.note(f"… and {len(result.notes) - 20} more frozen groups")
         ir.gm = current.gm
         ir.invalidate()
-        ctx.stat("MACs kept %", round(100 * result.total_macs / max(macs0, 1), 2))
+        macs_now = result.total_macs if result is not None else sum(macs.values())
+        ctx.stat("MACs kept %", round(100 * macs_now / max(macs0, 1), 2))
         ctx.stat("params kept %", round(100 * ir.total_params() / max(params0, 1), 2))
         if o.target is not None:
-            base, now = (
-                (macs0, result.total_macs) if o.metric == "macs" else (params0, ir.total_params())
-            )
+            base, now = (macs0, macs_now) if o.metric == "macs" else (params0, ir.total_params())
             if abs(now / max(base, 1) - o.target) > 0.02:
                 ctx.note(
                     f"kept {100 * now / max(base, 1):.1f}% of the {o.metric} instead of the "
                     f"target {100 * o.target:.0f}%: the coupled groups are too coarse or too few "
                     "to get closer (see the frozen groups above)"
                 )
-        if result.total_macs == macs0:
+        if macs_now == macs0:
             ctx.note("nothing was removed: every group is frozen or too small")
+
+    def _drop_blocks(self, ir: GraphIR, ctx: PassContext, data: object) -> dict[str, int]:
+        """Drop ``blocks`` residual branches in place; return the new MACs per node."""
+        n_inputs = sum(1 for n in ir.graph.nodes if n.op == "placeholder")
+        batches = [split_batch(b, n_inputs)[0] for b in list(data or [])[:4]]  # type: ignore[call-overload]
+        dropped = drop_blocks(ir, self.options.blocks, batches or [tuple(ctx.probe_inputs)],
+                              self.options.ignore)  # fmt: skip
+        ctx.stat("blocks dropped", len(dropped))
+        ctx.note(f"dropped the residual branches summed at {', '.join(dropped) or 'nothing'}")
+        if len(dropped) < self.options.blocks:
+            ctx.note(f"only {len(dropped)} self-contained residual blocks were found")
+        return observe(ir)
 
 
 PASSES = (Prune,)
