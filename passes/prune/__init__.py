@@ -31,7 +31,15 @@ from .importance import criteria, register_criterion, scorer, split_batch
 from .plan import Estimator, Selector
 from .pruner import ResizeFailed, apply_removal, known_macs, light_copy, observe
 
-__all__ = ["ChannelGraph", "Prune", "analyse", "criteria", "prune_once", "register_criterion"]
+__all__ = [
+    "ChannelGraph",
+    "Prune",
+    "PruneResult",
+    "analyse",
+    "criteria",
+    "prune_once",
+    "register_criterion",
+]
 
 #: how many nodes may be frozen after a failed resize before the pass gives up
 MAX_RETRIES = 25
@@ -199,6 +207,9 @@ def _correct(
 
 
 class Prune(graphopt.Pass):
+    """Structural channel pruning (and, with ``blocks``, residual-block dropping); see
+    ``docs/passes/prune.md``."""
+
     name = "prune"
     summary = "Remove whole channels (conv filters, linear units, heads) with their dependants."
     exact = False
