@@ -51,7 +51,11 @@ warnings.filterwarnings("ignore")
 
 def build(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return randomize_bn(getattr(torchvision.models, arch)(weights=None)).eval()
+    model = randomize_bn(getattr(torchvision.models, arch)(weights=None)).eval()
+    for m in model.modules():  # vit_b_16's head starts at zero: every output would be 0
+        if isinstance(m, torch.nn.Linear) and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=m.in_features**-0.5)
+    return model
 
 
 def calibration(res: int, n: int, batch: int) -> list[tuple[torch.Tensor]]:

@@ -524,3 +524,14 @@ def test_adds_int8_cannot_do_stay_float():
     result = quantize(model, x, data=[(x,)])
     assert result.ledger[-1].stats == {"layers quantized": 1}
     assert out_sqnr(model, result.ir.gm, x) > 30
+
+
+def test_sensitivity_is_not_fooled_by_in_place_activations():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.SiLU(inplace=True), nn.Conv2d(8, 8, 3), nn.Hardswish(inplace=True)
+    ).eval()
+    x = torch.randn(2, 3, 12, 12)
+    report = quant_report(quantize(model, x, data=[(x,)]).ir.gm)
+    assert report is not None and len(report.sensitivity) == 2
+    assert all(row.sqnr_db > 25 for row in report.sensitivity), report.sensitivity

@@ -33,7 +33,7 @@ import copy
 import dataclasses
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -366,7 +366,7 @@ def _copy_meta(ir: GraphIR) -> None:
 
 
 def _progress(ctx: PassContext, total: int) -> Any:
-    def ticks() -> Iterator[None]:
+    def ticks() -> Generator[None, None, None]:
         console = ctx.console
         if console is None or not console.is_terminal:
             while True:
@@ -410,12 +410,12 @@ def _sensitivity(
 
     def keep_float(node: fx.Node, value: Any) -> None:
         if node.name in want_float and isinstance(value, torch.Tensor):
-            ref[node.name] = value.detach().float()
+            ref[node.name] = value.detach().float().clone()  # later in-place ops (ReLU, SiLU)
 
     def keep_quant(node: fx.Node, value: Any) -> None:
         if node.name in want_quant and isinstance(value, torch.Tensor):
             v = value.dequantize() if value.is_quantized else value
-            got[want_quant[node.name]] = v.detach().float()
+            got[want_quant[node.name]] = v.detach().float().clone()
 
     record(float_gm, inputs, keep_float)
     record(gm, inputs, keep_quant)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import operator
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -296,7 +296,7 @@ def calibrate(
     gm: fx.GraphModule,
     batches: list[tuple[Any, ...]],
     observers: dict[fx.Node, Observer],
-    progress: Callable[[], Iterator[None]],
+    progress: Callable[[], Generator[None, None, None]],
 ) -> None:
     """Feed every batch through ``gm`` and show each observer the values of its node."""
 
@@ -309,12 +309,16 @@ def calibrate(
             observers[node].observe_again(value)
 
     ticks = progress()
-    for inputs in batches:
-        record(gm, inputs, first)
-        next(ticks, None)
-    for obs in observers.values():
-        obs.freeze()
-    if any(o.two_pass for o in observers.values()):
+    next(ticks, None)  # start the display; each later next() is one batch done
+    try:
         for inputs in batches:
-            record(gm, inputs, second)
+            record(gm, inputs, first)
             next(ticks, None)
+        for obs in observers.values():
+            obs.freeze()
+        if any(o.two_pass for o in observers.values()):
+            for inputs in batches:
+                record(gm, inputs, second)
+                next(ticks, None)
+    finally:
+        ticks.close()  # ends the progress display
