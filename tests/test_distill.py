@@ -280,6 +280,23 @@ def test_pruned_resnet18_learns_back_its_teachers_predictions():
     assert stats["val agreement after"] > stats["val agreement before"] + 0.3, stats
 
 
+def test_exported_programs_pair_blocks_and_need_a_dynamic_batch(trained, tmp_path):
+    """A .pt2 model: the block scopes come from torch.export's own module stack; a program
+    exported for one batch size is refused in one sentence, a dynamic batch trains."""
+    teacher, train, val = trained
+    small = shrink(teacher, 0.25)
+    fixed, dynamic = tmp_path / "fixed.pt2", tmp_path / "dynamic.pt2"
+    torch.export.save(torch.export.export(small, (val[0][0][:2],)), fixed)
+    batch = {"x": {0: torch.export.Dim("batch", min=1)}}
+    torch.export.save(torch.export.export(small, (val[0][0][:2],), dynamic_shapes=batch), dynamic)
+    ir = graphopt.load(str(dynamic))
+    assert block_outputs(ir.gm) == ["relu", "relu_1", "relu_2"]
+    result = graphopt.optimize(ir, "distill(epochs=1,progress=false)", data=(train, val))
+    assert result.ledger[-1].stats["feature pairs"] == 3
+    with pytest.raises(GraphoptError, match=r"does not run on a training batch of shape"):
+        graphopt.optimize(str(fixed), "distill(epochs=1)", data=(train, val))
+
+
 class _Functionalize(graphopt.Pass):
     """Replace each ReLU module node by a functional call (new node, new name)."""
 

@@ -33,6 +33,8 @@ from torch.utils import _pytree as pytree
 from torch.utils.data.distributed import DistributedSampler
 
 from graphopt import GraphoptError
+from graphopt.errors import first_line
+from graphopt.manager import run_model
 
 from .data import split_batch
 from .losses import LossFn, LossInputs, adapter, ce_loss, feature_loss, kd_loss
@@ -304,6 +306,7 @@ def _fit(
     n_inputs = _n_inputs(student)
     notes: list[str] = []
     first_inputs, first_target = split_batch(_to(_first_batch(train), device), n_inputs)
+    _check_runs(student, teacher, first_inputs)
     pairs: list[Pair] = []
     adapters: list[nn.Module] = []
     scales: list[float] = []
@@ -453,6 +456,22 @@ def _fit(
         student.load_state_dict(best_state)
         result.after = best
     return result
+
+
+def _check_runs(student: nn.Module, teacher: nn.Module, inputs: tuple[Any, ...]) -> None:
+    """Refuse, in one sentence, a model that cannot run on the training batches at all (a
+    program exported for one batch size, inputs of the wrong shape) before training."""
+    for role, model in (("student", student), ("teacher", teacher)):
+        try:
+            run_model(model, inputs)
+        except Exception as exc:
+            shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
+            raise GraphoptError(
+                f"the {role} does not run on a training batch of shape {shapes} "
+                f"({first_line(exc)}); give batches the model accepts (a program exported "
+                "with a fixed batch size takes only that size: export it with a dynamic "
+                "batch dimension, or load the model from its source)"
+            ) from None
 
 
 def _zero_masks(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:

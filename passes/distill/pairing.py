@@ -14,8 +14,10 @@ parameters (no forward hooks, so functional ops can be tapped too).
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
@@ -26,6 +28,7 @@ from graphopt import GraphoptError
 __all__ = ["Pair", "block_outputs", "pair_nodes", "tap"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_CONTAINER_NAMES = ("Sequential", "ModuleList", "ModuleDict")
 
 
 @dataclass(frozen=True)
@@ -36,40 +39,67 @@ class Pair:
     student: str
 
 
-def _scope_tree(gm: fx.GraphModule) -> tuple[dict[str, list[str]], dict[str, type], set[str]]:
+def _scope_tree(gm: fx.GraphModule) -> tuple[dict[str, list[str]], dict[str, Any], set[str]]:
     """The module scopes the tracer recorded (``nn_module_stack``): children of each path
-    in order of first use, the original class of each, and the paths called as leaves.
+    in order of first use, the original class of each, and the leaf paths (called as one
+    ``call_module``, or with no submodule scope below them, as in exported programs).
 
     The GraphModule's own module tree cannot say this: it keeps only the called leaves,
     under plain ``nn.Module`` parents.
     """
     children: dict[str, list[str]] = {"": []}
-    types: dict[str, type] = {}
-    leaves = set()
+    types: dict[str, Any] = {}
+    called = set()
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            leaves.add(str(node.target))
+            called.add(str(node.target))
         parent = ""
-        for key, value in node.meta.get("nn_module_stack", {}).items():
-            path = key.split("@")[0]
+        for path, kind in _stack(node):
             if path not in types:
-                types[path] = value[1] if isinstance(value, tuple) else object
+                types[path] = _resolve(kind)
                 children.setdefault(parent, []).append(path)
                 children.setdefault(path, [])
             parent = path
+    leaves = called | {p for p in types if not children.get(p)}
     return children, types, leaves
 
 
+def _stack(node: fx.Node) -> list[tuple[str, Any]]:
+    """(module path, class or class name) of the scopes a node was traced in, outermost
+    first; symbolic tracing and torch.export spell ``nn_module_stack`` differently."""
+    out = []
+    for key, value in node.meta.get("nn_module_stack", {}).items():
+        path = value[0] if isinstance(value, tuple) and isinstance(value[0], str) else key
+        path = path.split("@")[0]
+        if path:  # exported programs list the root itself
+            out.append((path, value[1] if isinstance(value, tuple) else object))
+    return out
+
+
+def _resolve(kind: Any) -> Any:
+    """A class from its dotted name when its module is loaded (exported programs store
+    names); never imports anything."""
+    if isinstance(kind, str):
+        module, _, name = kind.rpartition(".")
+        return getattr(sys.modules.get(module), name, kind)
+    return kind
+
+
+def _is_container(kind: Any) -> bool:
+    if isinstance(kind, type):
+        return issubclass(kind, _CONTAINERS)
+    return isinstance(kind, str) and kind.rsplit(".", 1)[-1] in _CONTAINER_NAMES
+
+
 def _blocks(
-    path: str, children: dict[str, list[str]], types: dict[str, type], leaves: set[str]
+    path: str, children: dict[str, list[str]], types: dict[str, Any], leaves: set[str]
 ) -> Iterator[str]:
     """Module paths of the blocks below ``path``: descend through containers; a container
     of leaves (conv-bn-relu) or any module with its own traced forward is a block."""
     for child in children.get(path, []):
         if child in leaves:
             continue
-        kind = types.get(child, object)
-        if isinstance(kind, type) and issubclass(kind, _CONTAINERS):
+        if _is_container(types.get(child)):
             kids = children.get(child, [])
             if kids and all(k in leaves for k in kids):
                 yield child
@@ -82,19 +112,17 @@ def _blocks(
 
 
 def _holds_stack(
-    path: str, children: dict[str, list[str]], types: dict[str, type], leaves: set[str]
+    path: str, children: dict[str, list[str]], types: dict[str, Any], leaves: set[str]
 ) -> bool:
     """Whether a module keeps a stack of blocks in a container (a transformer's encoder
     with its ``layers``): a container child with at least two non-container submodules."""
 
     def is_block(p: str) -> bool:
-        kind = types.get(p, object)
-        return p not in leaves and not (isinstance(kind, type) and issubclass(kind, _CONTAINERS))
+        return p not in leaves and not _is_container(types.get(p))
 
     for child in children.get(path, []):
-        kind = types.get(child, object)
-        is_container = isinstance(kind, type) and issubclass(kind, _CONTAINERS)
-        if is_container and sum(is_block(k) for k in children.get(child, [])) >= 2:
+        kids = children.get(child, [])
+        if _is_container(types.get(child)) and sum(is_block(k) for k in kids) >= 2:
             return True
     return False
 
@@ -111,7 +139,7 @@ def block_outputs(gm: fx.GraphModule) -> list[str]:
     paths = list(_blocks("", children, types, leaves))
     last: dict[str, fx.Node] = {}
     for node in gm.graph.nodes:
-        stack = {k.split("@")[0] for k in node.meta.get("nn_module_stack", {})}
+        stack = {path for path, _ in _stack(node)}
         for path in paths:
             if path in stack:
                 last[path] = node
