@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -110,7 +111,7 @@ def optimize(
     *,
     example_inputs: Sequence[Any] | None = None,
     data: Any = None,
-    output: str | None = None,
+    output: str | os.PathLike[str] | None = None,
 ) -> Result:
     """Run a pipeline on a model (never mutated) and optionally lower the result to ``output``.
 

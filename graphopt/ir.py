@@ -167,8 +167,18 @@ class GraphIR:
 
     def copy(self) -> GraphIR:
         """A deep copy sharing nothing with this IR (modules, parameters, graph)."""
+        try:
+            gm = copy.deepcopy(self.gm)
+        except RuntimeError as exc:
+            if "deepcopy protocol" not in str(exc):
+                raise
+            raise GraphoptError(
+                "the model holds a computed tensor as an attribute (as torch.nn.utils.prune "
+                "leaves behind), which cannot be copied; make it permanent first with "
+                "torch.nn.utils.prune.remove(module, 'weight'), or detach it"
+            ) from None
         new = GraphIR(
-            copy.deepcopy(self.gm),
+            gm,
             self.example_inputs,
             source=self.source,
             history=self.history,

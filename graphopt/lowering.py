@@ -375,11 +375,14 @@ def _can_create_in(folder: str) -> bool:
 def lower(
     gm: fx.GraphModule,
     example_inputs: tuple[Any, ...],
-    out: str,
+    out: str | os.PathLike[str],
     metadata: dict[str, Any],
     exporters: dict[str, Exporter],
 ) -> dict[str, Any]:
-    """Write ``gm`` to ``out`` atomically and verify the artifact; return the check figures."""
+    """Write ``gm`` to ``out`` atomically and verify the artifact; return the check figures.
+
+    ``out`` names a directory when it ends with a slash, is one already, or has no suffix."""
+    out = os.fspath(out)
     exporter = check_output(out, exporters)
     target = os.path.abspath(out.rstrip("/") or out)
     parent = os.path.dirname(target)

@@ -211,6 +211,7 @@ class PassManager:
         ]
         if on_step:
             on_step(ledger[0])
+        prev_out = ref_out  # an exact pass is judged against the step before it
         for p in self.passes:
             ctx = PassContext(
                 probe_inputs=probe, reference=reference.gm, data=data, console=self.console
@@ -228,7 +229,7 @@ class PassManager:
             seconds = time.perf_counter() - start
             work.invalidate(keep=p.keeps)
             work.history.append(format_step(p))
-            entry = self._measure(work, p, ctx, probe, ref_out, seconds)
+            entry, prev_out = self._measure(work, p, ctx, probe, ref_out, prev_out, seconds)
             ledger.append(entry)
             if on_step:
                 on_step(entry)
@@ -245,8 +246,10 @@ class PassManager:
         ctx: PassContext,
         probe: tuple[Any, ...],
         ref_out: Any,
+        prev_out: Any,
         seconds: float,
-    ) -> LedgerEntry:
+    ) -> tuple[LedgerEntry, Any]:
+        """The ledger entry of ``p`` (deviation from the original model) and the outputs."""
         try:
             out = run_model(work.gm, probe)
         except Exception as exc:
@@ -254,12 +257,13 @@ class PassManager:
             raise PassCrash(p.name, failure, None) from exc
         dev = deviation(out, ref_out)
         notes = list(ctx.notes)
-        if p.exact and dev.rel_err > EXACT_TOLERANCE:
+        step_err = dev.rel_err if prev_out is ref_out else deviation(out, prev_out).rel_err
+        if p.exact and step_err > EXACT_TOLERANCE:
             notes.append(
-                f"exact pass changed the output: relative error {dev.rel_err:.2e} exceeds "
-                f"{EXACT_TOLERANCE:.0e}"
+                f"exact pass changed the output: relative error {step_err:.2e} against the "
+                f"previous step exceeds {EXACT_TOLERANCE:.0e}"
             )
-        return LedgerEntry(
+        entry = LedgerEntry(
             step=format_step(p),
             exact=p.exact,
             params=work.total_params(),
@@ -272,6 +276,7 @@ class PassManager:
             notes=notes,
             stats=dict(ctx.stats),
         )
+        return entry, out
 
     def _print_graph(self, work: GraphIR, p: Pass) -> None:
         from rich.console import Console

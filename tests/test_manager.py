@@ -114,6 +114,18 @@ def test_exact_pass_that_changes_output_is_flagged(registry, block, block_input)
     assert any("exact pass changed the output" in n for n in result.ledger[-1].notes)
 
 
+def test_exact_pass_is_judged_against_the_step_before_it(registry, block, block_input):
+    """After a lossy pass the output differs from the original; an exact pass that keeps the
+    lossy output is not flagged, one that changes it further is."""
+    ir = GraphIR.trace(block, block_input)
+    result = PassManager("halve,fold", registry=registry).run(ir)
+    halve, fold = result.ledger[1:]
+    assert fold.rel_err == pytest.approx(halve.rel_err, abs=1e-5) and halve.rel_err > 0.1
+    assert not any("exact pass changed" in n for n in fold.notes)
+    result = PassManager("halve,liar", registry=registry).run(ir)
+    assert any("against the previous step" in n for n in result.ledger[-1].notes)
+
+
 def test_crash_writes_a_reproducer(registry, block, block_input, tmp_path):
     manager = PassManager("cleanup,crash", registry=registry, repro_dir=str(tmp_path))
     with pytest.raises(graphopt.PassCrash) as info:
@@ -175,3 +187,20 @@ def test_optimize_accepts_a_model_spec_like_the_cli():
     result = graphopt.optimize("models_for_cli:small_cnn", "fold", example_inputs=given)
     assert result.ir.example_inputs[0].shape == (2, 3, 20, 20)
     assert not result.ir.nodes(module_type=torch.nn.BatchNorm2d)
+
+
+def test_model_with_torch_prune_masks_gets_one_sentence():
+    from torch.nn.utils import prune
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    prune.l1_unstructured(model[0], "weight", 0.5)
+    with pytest.raises(graphopt.GraphoptError, match=r"prune\.remove"):
+        graphopt.optimize(model, "cleanup", example_inputs=(torch.randn(1, 4),))
+
+
+def test_output_may_be_a_path(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+    result = graphopt.optimize(
+        model, "cleanup", example_inputs=(torch.randn(1, 4),), output=tmp_path / "m.pt2"
+    )
+    assert (tmp_path / "m.pt2").is_file() and result.ledger[-1].rel_err == 0.0
