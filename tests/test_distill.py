@@ -593,6 +593,19 @@ def test_plugin_loss_checkpoint_and_resume(trained, tmp_path):
                 **{**common, "registry": None})  # fmt: skip
 
 
+def test_two_plugins_registering_one_loss_name_is_an_error():
+    class First:
+        @graphopt.hookimpl
+        def graphopt_register_distill_losses(self, register):
+            register("logit_l2", _logit_l2)
+
+    class Second(First):
+        pass
+
+    with pytest.raises(GraphoptError, match="distillation loss 'logit_l2' is registered twice"):
+        graphopt.load_registry(autoload=False, extra=[First(), Second()])
+
+
 def test_l1_on_bn_scales_and_frozen_bn(trained):
     teacher, train, val = trained
     student = shrink(teacher, 0.5)
