@@ -417,6 +417,14 @@ def test_iterative_prune_and_recover_schedule(trained):
     ]
     assert len(rounds) == 2 and 68 <= rounds[0] <= 72 and 38 <= rounds[1] <= 42, entry.notes
     assert accuracy(result.ir.gm, val) >= accuracy(teacher, val) - 0.02
+    # the same by hand, and network slimming: distill may come before a prune too
+    for pipeline in (
+        "prune(target=0.7),distill,prune(target=0.4),distill",
+        "distill(l1_bn=0.0001),prune(target=0.5,criterion=bn_scale),distill",
+    ):
+        assert PassManager(pipeline).pipeline == pipeline
+    with pytest.raises(GraphoptError, match="'bnrecal' must run before 'fold'"):
+        PassManager("fold,bnrecal")
     with pytest.raises(GraphoptError, match="has no 'target' option"):
         graphopt.optimize(teacher, 'distill(prune_targets=[0.5],prune="fold")',
                           example_inputs=x, data=(train, val))  # fmt: skip

@@ -77,7 +77,9 @@ class Distill(graphopt.Pass):
     exact = False
     # training changes weights, never shapes; a prune_targets schedule re-analyses itself
     keeps = ("shapes", "costs")
-    after = ("prune", "depthwise", "sparsify", "bnrecal")
+    # no ordering constraint: prune,distill,prune,distill (gradual), distill(l1_bn=…) before
+    # prune(criterion=bn_scale) (network slimming) and quant(form=qat),distill,quant are
+    # all sound pipelines
 
     @dataclass
     class Options:
@@ -223,8 +225,7 @@ class BNRecal(graphopt.Pass):
     summary = "Recompute BatchNorm running statistics on a few batches (needs data)."
     exact = False
     keeps = ("shapes", "costs")
-    after = ("prune", "depthwise", "sparsify")
-    before = ("fold",)
+    before = ("fold",)  # after fold there are no statistics left to fix
 
     @dataclass
     class Options:
