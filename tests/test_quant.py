@@ -529,9 +529,14 @@ def test_adds_int8_cannot_do_stay_float():
 def test_sensitivity_is_not_fooled_by_in_place_activations():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.SiLU(inplace=True), nn.Conv2d(8, 8, 3), nn.Hardswish(inplace=True)
+        nn.Conv2d(3, 8, 3),
+        nn.SiLU(inplace=True),
+        nn.Conv2d(8, 8, 3),
+        nn.Hardswish(inplace=True),
+        nn.Conv2d(8, 8, 3),
+        nn.ReLU6(),  # the layer is quantized over [0, 6]: compared after the clamp
     ).eval()
     x = torch.randn(2, 3, 12, 12)
     report = quant_report(quantize(model, x, data=[(x,)]).ir.gm)
-    assert report is not None and len(report.sensitivity) == 2
+    assert report is not None and len(report.sensitivity) == 3
     assert all(row.sqnr_db > 25 for row in report.sensitivity), report.sensitivity

@@ -47,11 +47,13 @@ from graphopt.manager import run_model
 
 from .convert import QParams, dynamic_int8, to_int8, to_qdq
 from .observers import activation_qparams, make_observer
-from .plan import Plan, _matches, calibrate, input_batches, make_plan, record
+from .plan import Plan, Site, _matches, calibrate, input_batches, make_plan, record
 from .qat import to_qat, weights_from_qat
 
 __all__ = ["LayerSensitivity", "Quant", "QuantReport", "quant_report", "sqnr_db"]
 
+#: ledger counter for each kind of quantized op
+_COUNTER = {"layer": "layers quantized", "add": "adds quantized", "cat": "concats quantized"}
 #: key of the :class:`QuantReport` in ``GraphModule.meta`` after the pass
 REPORT_KEY = "graphopt.quant"
 
@@ -181,16 +183,8 @@ class Quant(graphopt.Pass):
         # A pickled GraphModule names its tracer class; the default one keeps the .pt
         # artifact loadable where graphopt is not installed.
         ir.gm._tracer_cls = ir.graph._tracer_cls = None
-        counts: dict[str, int] = {}
         for site in plan.sites.values():
-            counts[site.kind] = counts.get(site.kind, 0) + 1
-        for kind, n in counts.items():
-            ctx.stat(
-                {"layer": "layers quantized", "add": "adds quantized", "cat": "concats quantized"}[
-                    kind
-                ],
-                n,
-            )
+            ctx.stat(_COUNTER[site.kind])
         if opts.sensitivity and opts.form != "qat":
             report.sensitivity = _sensitivity(float_gm, ir.gm, plan, results, batches[0])
             for s in report.sensitivity[:3]:
@@ -402,9 +396,18 @@ def _sensitivity(
     results: dict[fx.Node, fx.Node],
     inputs: tuple[Any, ...],
 ) -> list[LayerSensitivity]:
-    """SQNR of each quantized op's output against the float model's, worst first."""
-    want_float = {site.result.name: site for site in plan.sites.values()}
+    """SQNR of each quantized op's output against the float model's, worst first.
+
+    A layer quantized over the range of the clamp after it (ReLU6) is compared after that
+    clamp, which both graphs keep under the same name.
+    """
+    want_float: dict[str, Site] = {}
     want_quant = {new.name: old.name for old, new in results.items()}
+    for site in plan.sites.values():
+        assert site.observe is not None
+        want_float[site.observe.name] = site
+        if site.observe is not site.result:
+            want_quant[site.observe.name] = site.observe.name
     ref: dict[str, torch.Tensor] = {}
     got: dict[str, torch.Tensor] = {}
 
