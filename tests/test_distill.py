@@ -633,6 +633,16 @@ def test_l1_on_bn_scales_and_frozen_bn(trained):
             assert torch.equal(m_s.running_mean, m_f.running_mean)
 
 
+def test_sgd_with_a_constant_schedule_also_recovers(trained):
+    teacher, train, val = trained
+    student = shrink(teacher, 0.5)
+    run = distill(
+        student, teacher, (train, val), example_inputs=(val[0][0][:1],), epochs=3,
+        optimizer="sgd", lr=0.05, schedule="constant", patience=0, progress=False,
+    )  # fmt: skip
+    assert run.stats["val accuracy after"] > run.stats["val accuracy before"] + 0.5
+
+
 def test_exact_zeros_stay_zero_unless_asked(trained):
     teacher, train, val = trained
     student = shrink(teacher, 0.25)
