@@ -222,13 +222,19 @@ def optimize(
         )
         progress.update(task, advance=1, description=f"running {manager.passes[0].name}")
         names = [p.name for p in manager.passes]
+        done = [0]  # ledger entries seen after the input row (a pass may appear twice)
 
         def step(entry: Any) -> None:
-            index = names.index(entry.step.split("(")[0]) + 1 if entry.step != "(input)" else 0
+            if entry.step == "(input)":
+                return
+            done[0] += 1
+            index = done[0]
             nxt = f"running {names[index]}" if index < len(names) else f"writing {exporter.name}"
-            progress.update(task, advance=1 if entry.step != "(input)" else 0, description=nxt)
+            progress.update(task, advance=1, description=nxt)
 
         result = manager.run(ir, data=batches, on_step=step)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return  # under torchrun, the first process alone writes and reports
         check = lower(
             result.ir.gm, result.ir.example_inputs, output, result.metadata(), registry.exporters
         )

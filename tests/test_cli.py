@@ -228,3 +228,14 @@ def test_readme_commands_and_ci_agree():
     ci = (ROOT / ".ci" / "run").read_text()
     assert setup[1] in ci.splitlines()
     assert "graphopt optimize" in setup[0]
+
+
+def test_only_the_first_torchrun_process_writes(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "m.pt2"
+    args = ["optimize", *SMALL, "--passes", "cleanup,fold,cleanup", "-o", str(out)]
+    monkeypatch.setenv("RANK", "1")
+    run = run_main(capsys, *args)
+    assert run.code == 0 and not out.exists() and "pipeline" not in run.stdout
+    monkeypatch.setenv("RANK", "0")
+    run = run_main(capsys, *args)
+    assert run.code == 0 and out.exists() and "pipeline: cleanup,fold,cleanup" in run.stdout
