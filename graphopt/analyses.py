@@ -124,12 +124,28 @@ def node_costs(ir: GraphIR) -> dict[str, NodeCost]:
             value = _fetch(ir.gm, str(node.target))
             if isinstance(value, torch.nn.Parameter):
                 tensors = [value]
+            elif id(value) not in seen:  # unpacking makes new tensors: count the pack once
+                seen.add(id(value))
+                params += sum(t.numel() for t in packed_weights(value))
         for t in tensors:
             if id(t) not in seen:
                 seen.add(id(t))
                 params += t.numel()
         out[node.name] = NodeCost(params=params, macs=int(node.meta.get(MACS, 0)))
     return out
+
+
+def packed_weights(value: Any) -> list[torch.Tensor]:
+    """The tensors inside a packed-weight object of the quantized kernels (what
+    ``quantized::conv2d_prepack``/``linear_prepack`` return), so int8 weights count as
+    parameters; an empty list for anything else."""
+    if not isinstance(value, torch.ScriptObject) or not hasattr(value, "unpack"):
+        return []
+    try:
+        unpacked = value.unpack()
+    except Exception:  # a packed object of a kind that cannot unpack on this build
+        return []
+    return [t for t in unpacked if isinstance(t, torch.Tensor)]
 
 
 def _fetch(gm: fx.GraphModule, target: str) -> Any:

@@ -277,7 +277,16 @@ class GraphIR:
         return self.analysis("costs")
 
     def total_params(self) -> int:
-        return sum(p.numel() for p in self.gm.parameters())
+        """Parameters, plus the weights packed for quantized kernels (int8 models)."""
+        from .analyses import packed_weights
+
+        packed = sum(
+            t.numel()
+            for m in self.gm.modules()
+            for value in vars(m).values()
+            for t in packed_weights(value)
+        )
+        return sum(p.numel() for p in self.gm.parameters()) + packed
 
     def total_macs(self) -> int:
         return sum(c.macs for c in self.costs().values())

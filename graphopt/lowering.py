@@ -143,7 +143,7 @@ def _import_line(name: str, value: Any) -> str:
         )
     raise GraphoptError(
         f"the generated code needs '{name}' ({value!r}), which cannot be imported by name; "
-        "choose another output format, e.g. -o model.pt2"
+        "choose another output format (-o model.pt2, model.pt or a .onnx file)"
     )
 
 
@@ -258,7 +258,7 @@ def _write_onnx(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: di
     except Exception as exc:
         raise GraphoptError(
             f"the model cannot be exported to ONNX ({first_line(exc)}); choose another output "
-            "format, e.g. -o model.pt2"
+            "format (-o model.pt2, model.pt or a directory)"
         ) from None
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_NAME, json.dumps(meta)

@@ -280,6 +280,11 @@ def test_digits_int8_accuracy_within_one_point(digits):
     base, int8 = accuracy(model, x_test, y_test), accuracy(result.ir.gm, x_test, y_test)
     assert base > 90
     assert int8 >= base - 1.0, (base, int8)
+    # packed int8 weights still count as parameters, in the ledger and per node: as many as
+    # the BatchNorm-folded float model has
+    folded = quantize(model, x_test[:2], pipeline="fold").ledger[-1].params
+    assert result.ledger[-1].params == folded
+    assert sum(c.params for c in result.ir.costs().values()) == folded
 
 
 def test_qat_trains_through_fake_quant_then_converts(digits):
