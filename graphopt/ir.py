@@ -256,6 +256,10 @@ class GraphIR:
             self._analyses[name] = analyses[name](self)
         return self._analyses[name]
 
+    def has_analysis(self, name: str) -> bool:
+        """Whether ``name`` is computed and still valid (cached), without computing it."""
+        return name in self._analyses
+
     def invalidate(self, keep: Iterable[str] = ()) -> None:
         """Forget every cached analysis except those in ``keep``."""
         keep = set(keep)

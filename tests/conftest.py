@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,17 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
                 m.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
     return model
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module's tests (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): under ``pytest -n 2`` two workers already fill
+    both cores, and oversubscribed threads made small-model training several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -16,15 +16,7 @@ from torch import nn
 
 import graphopt
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are small: extra intra-op threads only fight the other test worker
-    for the two cores (training the digits CNN ran ~10x slower with them)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(model: nn.Module, pipeline: str, x: torch.Tensor) -> graphopt.Result:

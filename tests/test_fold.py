@@ -20,14 +20,7 @@ LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 BN = nn.modules.batchnorm._BatchNorm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread per test process: under ``pytest -n 2`` two workers already fill
-    both cores, and oversubscribed threads made training here ~6x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fold(model: nn.Module, x: torch.Tensor, pipeline: str = "fold", **trace):

@@ -14,6 +14,11 @@ from graphopt import GraphIR
 
 def test_shapes_come_from_fake_tensors_and_match_real_run(block, block_input):
     ir = GraphIR.trace(block, block_input)
+    assert not ir.has_analysis("shapes")
+    ir.analysis("shapes")
+    assert ir.has_analysis("shapes")
+    ir.invalidate(keep=["costs"])
+    assert not ir.has_analysis("shapes")
     ir.analysis("shapes")
     real = {}
     hooks = [

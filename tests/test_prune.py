@@ -25,14 +25,7 @@ from torch import nn
 import graphopt
 from graphopt import GraphIR, GraphoptError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread per test process (two pytest workers already fill both cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plan(model: nn.Module, x: torch.Tensor, ratio: float = 0.5, seed: int = 0, ignore=()):

@@ -26,14 +26,7 @@ from torch import nn
 import graphopt
 from graphopt import GraphIR, GraphoptError, PassContext, PassManager
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: under ``pytest -n 2`` two workers already fill both cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quantize(model, x, pipeline="quant", data=None, **kw):

@@ -410,7 +410,7 @@ def known_macs(ir: GraphIR) -> dict[str, int] | None:
     """MACs per node when a valid ``shapes`` analysis is cached on ``ir`` (the pass manager
     computes it for its ledger), else None. Values a pass left on nodes without the
     analysis being cached may be stale, so they are not trusted."""
-    if "shapes" not in getattr(ir, "_analyses", {}):
+    if not ir.has_analysis("shapes"):
         return None
     nodes = [n for n in ir.graph.nodes if n.op != "output"]
     if all("val" in n.meta and MACS in n.meta for n in nodes):
