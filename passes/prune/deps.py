@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import operator
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,13 +113,19 @@ _SPLIT_FUNCS = {torch.split, torch.chunk, torch.tensor_split, torch.unbind}
 _SPLIT_METHODS = {"split", "chunk", "tensor_split", "unbind"}
 _MATMUL = {operator.matmul, torch.matmul, torch.bmm, torch.mm}
 
-# Functions wrapped as fx leaves by torchvision that act per element in eval mode.
-try:
-    from torchvision.ops import stochastic_depth as _stochastic_depth
 
-    _ELEMENTWISE_FUNCS.add(_stochastic_depth)
-except ImportError:  # pragma: no cover - torchvision is a dependency
-    pass
+def _add_torchvision_leaves() -> None:
+    """Functions torchvision wraps as fx leaves that act per element in eval mode. Looked up
+    only once torchvision is imported (a model using them has imported it), so importing
+    graphopt — and every CLI start — does not pay for importing torchvision."""
+    if "torchvision" not in sys.modules:
+        return
+    from torchvision.models import swin_transformer as swin
+    from torchvision.ops import stochastic_depth
+
+    _ELEMENTWISE_FUNCS.add(stochastic_depth)
+    _FUNCTIONAL_RULES[swin.shifted_window_attention] = _f_swin_attention
+    _FUNCTIONAL_RULES[swin._patch_merging_pad] = _f_patch_merging_pad
 
 
 def _val(node: Any) -> Any:
@@ -1084,13 +1091,6 @@ _FUNCTIONAL_RULES: dict[Any, Callable[[ChannelGraph, fx.Node], None]] = {
     F.interpolate: _f_interpolate,
     torch.flatten: lambda g, n: g._move(n),
 }
-try:
-    from torchvision.models import swin_transformer as _swin
-
-    _FUNCTIONAL_RULES[_swin.shifted_window_attention] = _f_swin_attention
-    _FUNCTIONAL_RULES[_swin._patch_merging_pad] = _f_patch_merging_pad
-except ImportError:  # pragma: no cover - torchvision is a dependency
-    pass
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -1140,6 +1140,7 @@ def analyse(ir: GraphIR, ignore: Sequence[str] = ()) -> ChannelGraph:
     values' shapes in ``meta["val"]`` (from the ``shapes`` analysis or a real run)."""
     if any("val" not in n.meta for n in ir.graph.nodes if n.op != "output"):
         ir.analysis("shapes")  # not observed by the caller: propagate fake tensors
+    _add_torchvision_leaves()
     g = ChannelGraph(ir)
     g.build(ignore)
     g.solve()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
+import sys
 from typing import Any
 
 import numpy as np
@@ -168,10 +169,15 @@ def _rescale_queries(
             bias[:inner] *= math.sqrt(shrink)
 
 
-try:
-    from torchvision.models.swin_transformer import shifted_window_attention as _SWIN_ATTENTION
-except ImportError:  # pragma: no cover - torchvision is a dependency
-    _SWIN_ATTENTION = None
+def _is_swin_attention(target: Any) -> bool:
+    """Whether ``target`` is torchvision's shifted-window attention (looked up only when
+    torchvision is imported, which a model calling it has done)."""
+    if "torchvision" not in sys.modules:
+        return False
+    from torchvision.models.swin_transformer import shifted_window_attention
+
+    return target is shifted_window_attention
+
 
 _SIZE_METHODS = {"view", "reshape", "expand"}
 
@@ -199,7 +205,7 @@ def _rewrite_literals(node: fx.Node, sizes: _Sizes) -> None:
         _set_arg(node, 1, "num_groups", sizes.dim(node, 1) // (old_c // groups))
     elif t is F.scaled_dot_product_attention:
         _pin_attention_scale(node, sizes)
-    elif t is _SWIN_ATTENTION:
+    elif _is_swin_attention(t):
         _swin_queries(node, sizes)
     elif t in (F.conv1d, F.conv2d, F.conv3d):
         groups = _arg(node, 6, "groups", 1)
