@@ -11,11 +11,13 @@ import torch
 import torchvision
 from conftest import randomize_bn
 from graphopt.passes.sparsify import Sparsify
-from test_depthwise import DigitsNet, _accuracy, _digits, _fit, _one_thread  # noqa: F401
+from test_depthwise import DigitsNet, _accuracy, _digits, _fit
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
 import graphopt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(model: nn.Module, pipeline: str, *inputs: torch.Tensor) -> graphopt.Result:
