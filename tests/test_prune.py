@@ -8,6 +8,7 @@ model, prune, and check the pruned model computes the same thing.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,10 +29,10 @@ from graphopt import GraphIR, GraphoptError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def plan(model: nn.Module, x: torch.Tensor, ratio: float = 0.5, seed: int = 0, ignore=()):
+def plan(model: nn.Module, x: torch.Tensor, ratio: float = 0.5, seed: int = 0, ignore=(), **kw):
     """Trace, analyse and choose a random removal of ``ratio`` of every group."""
     ir = GraphIR.trace(model, (x,))
-    g = analyse(ir, ignore)
+    g = analyse(ir, ignore, **kw)
     scores = np.random.default_rng(seed).random(len(g.prunable))
     sel = Selector(g, scores, round_to=1, max_layer_ratio=0.9, global_rank=False)
     return ir, g, sel.removal(ratio)
@@ -55,11 +56,12 @@ def assert_exact(
     ratio: float = 0.5,
     seed: int = 0,
     atol: float = 1e-5,
+    **kw: Any,
 ) -> GraphIR:
     """Zero then prune ``model``; the output is unchanged and every layer in ``shrinks``
     lost output channels. Returns the pruned IR."""
     model = model.eval()
-    ir, g, removed = plan(model, x, ratio, seed)
+    ir, g, removed = plan(model, x, ratio, seed, **kw)
     assert removed.any(), g.frozen_report()
     zero_removed(g, removed)
     with torch.no_grad():
@@ -342,6 +344,31 @@ def test_block_from_conftest(block: nn.Module, block_input: tuple[torch.Tensor, 
     attn = pruned.gm.get_submodule("attn")
     assert attn.embed_dim == attn.in_proj_weight.shape[1] == attn.num_heads * attn.head_dim
     assert attn.embed_dim < 32
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_whole_heads_exact(seed: int) -> None:
+    """heads=True removes whole heads of nn.MultiheadAttention: fewer heads of the same size,
+    exact when the removed heads' rows (and the channels tied to them) were zero."""
+    torch.manual_seed(seed)
+    pruned = assert_exact(MHA(), tokens(), ["embed", "attn.out_proj"], seed=seed, whole_heads=True)
+    attn = pruned.gm.get_submodule("attn")
+    assert attn.head_dim == 8 and attn.num_heads == 2
+    assert attn.embed_dim == attn.in_proj_weight.shape[1] == 16 == attn.out_proj.in_features
+
+
+def test_whole_heads_on_vit() -> None:
+    """The pass option on torchvision's ViT: every encoder layer keeps half its heads, each
+    of the original 64 channels, and the model still runs with its output shape."""
+    model = torchvision.models.vit_b_16(weights=None, image_size=32).eval()
+    x = torch.randn(1, 3, 32, 32)
+    result = graphopt.optimize(model, "prune(ratio=0.5,heads=true)", example_inputs=(x,))
+    gm = result.ir.gm
+    layers = [m for m in gm.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert len(layers) == 12
+    assert all(m.num_heads == 6 and m.head_dim == 64 and m.embed_dim == 384 for m in layers)
+    with torch.no_grad():
+        assert gm(x).shape == (1, 1000)
 
 
 def test_module_attributes_follow() -> None:

@@ -78,12 +78,13 @@ def prune_once(
     data: object = None,
     seed: int = 0,
     macs: dict[str, int] | None = None,
+    heads: bool = False,
 ) -> PruneResult:
     """Prune ``ir`` once and return the pruned copy (``ir`` itself is left untouched).
     ``macs`` are its MACs per node if already measured by :func:`observe`."""
     if macs is None:
         macs = known_macs(ir) or observe(ir)
-    g = analyse(ir, ignore)
+    g = analyse(ir, ignore, whole_heads=heads)
     notes: list[str] = []
     assert g.prunable is not None
     if not g.prunable.any():
@@ -244,6 +245,11 @@ class Prune(graphopt.Pass):
             1, "prune in this many steps, re-scoring in between", check=lambda v: v >= 1
         )
         ignore: list[str] = graphopt.option([], "node-name globs whose layers stay whole")
+        heads: bool = graphopt.option(
+            False,
+            "remove whole heads of nn.MultiheadAttention instead of the same positions of "
+            "every head",
+        )
         seed: int = graphopt.option(0, "seed of the random criterion")
         blocks: int = graphopt.option(
             0,
@@ -291,6 +297,7 @@ class Prune(graphopt.Pass):
                 data=data,
                 seed=o.seed,
                 macs=macs,
+                heads=o.heads,
                 **kwargs,  # type: ignore[arg-type]
             )
             current, macs = result.ir, result.macs

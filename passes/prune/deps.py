@@ -178,6 +178,8 @@ class ChannelGraph:
     norm_scales: set[SpaceKey] = field(default_factory=set)
     #: producer param spaces → name of the node that owns them (for reports and ignore)
     owner: dict[SpaceKey, str] = field(default_factory=dict)
+    #: nn.MultiheadAttention loses whole heads rather than positions inside every head
+    whole_heads: bool = False
     # results of solve()
     comp: np.ndarray | None = None
     prunable: np.ndarray | None = None  # bool per component
@@ -817,11 +819,14 @@ def _packed_attention(
     out_proj: tuple[SpaceKey, SpaceKey | None],
     heads: int,
     owner: str,
+    whole_heads: bool = False,
 ) -> None:
     """Attention whose inner width must equal its input width (``E`` rows each for q, k and
     v in one ``(3E, E)`` weight, heads of ``E / heads``): an atom is one head-dim position
     ``p`` in every head of q, k and v, the ``out_proj`` columns reading them, and the input
     and output channels of the same indices, so both widths stay equal and heads equal.
+    With ``whole_heads`` an atom is instead one whole head (its ``E / heads`` rows of q, k
+    and v) with the same columns and channels: heads go, their size stays.
     Every other dimension (tokens, batch, windows) stays whole: attention mixes tokens."""
     w, b = in_proj
     wo, bo = out_proj
@@ -838,7 +843,8 @@ def _packed_attention(
             g.freeze(key, node, "attention mixes tokens")
     for part in (1, 2):
         g.link(w, w, rows, rows + part * e)
-    g.link(w, w, rows, rows % (e // heads))
+    head_dim = e // heads
+    g.link(w, w, rows, rows // head_dim * head_dim if whole_heads else rows % head_dim)
     g.link(w, w_in, rows, rows)
     wo_in = (wo[0], wo[1], 1)
     g.link(wo_in, w, rows, rows + 2 * e)
@@ -888,7 +894,7 @@ def _module_mha(g: ChannelGraph, node: fx.Node, m: nn.MultiheadAttention) -> Non
     )
     _packed_attention(
         g, node, [q, k, v], g.key(node, _val(node)[0].dim() - 1, 0), in_proj, out_proj,
-        m.num_heads, t,
+        m.num_heads, t, g.whole_heads,
     )  # fmt: skip
 
 
@@ -1135,13 +1141,14 @@ def _describe(ir: GraphIR, node: fx.Node) -> str:
     return f"{'method' if node.op == 'call_method' else 'function'} {name}"
 
 
-def analyse(ir: GraphIR, ignore: Sequence[str] = ()) -> ChannelGraph:
+def analyse(ir: GraphIR, ignore: Sequence[str] = (), *, whole_heads: bool = False) -> ChannelGraph:
     """Build and solve the channel-dependency graph of ``ir``, whose nodes carry their
-    values' shapes in ``meta["val"]`` (from the ``shapes`` analysis or a real run)."""
+    values' shapes in ``meta["val"]`` (from the ``shapes`` analysis or a real run);
+    ``whole_heads`` makes each head of nn.MultiheadAttention one atom."""
     if any("val" not in n.meta for n in ir.graph.nodes if n.op != "output"):
         ir.analysis("shapes")  # not observed by the caller: propagate fake tensors
     _add_torchvision_leaves()
-    g = ChannelGraph(ir)
+    g = ChannelGraph(ir, whole_heads=whole_heads)
     g.build(ignore)
     g.solve()
     return g

@@ -144,17 +144,20 @@ def _update_module(m: nn.Module, node: fx.Node, sizes: _Sizes) -> None:
     elif isinstance(m, nn.Embedding):
         m.embedding_dim = m.weight.shape[1]
     elif isinstance(m, nn.MultiheadAttention):
-        _update_mha(m)
+        _update_mha(m, sizes.g.whole_heads)
 
 
-def _update_mha(m: nn.MultiheadAttention) -> None:
+def _update_mha(m: nn.MultiheadAttention, whole_heads: bool) -> None:
     inner = m.in_proj_weight.shape[0] // 3
     if inner == m.embed_dim:
         return
-    new_hd = inner // m.num_heads
-    _rescale_queries(m.in_proj_weight, m.in_proj_bias, inner, new_hd / m.head_dim)
+    if whole_heads:  # fewer heads of the same size: the 1/sqrt(head_dim) scale holds
+        m.num_heads = inner // m.head_dim
+    else:
+        new_hd = inner // m.num_heads
+        _rescale_queries(m.in_proj_weight, m.in_proj_bias, inner, new_hd / m.head_dim)
+        m.head_dim = new_hd
     m.embed_dim = m.kdim = m.vdim = inner
-    m.head_dim = new_hd
     m.out_proj.out_features, m.out_proj.in_features = m.out_proj.weight.shape
 
 
