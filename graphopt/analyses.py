@@ -8,10 +8,14 @@ torch's FLOP counter, so functional calls and attention are counted as well as m
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -25,8 +29,61 @@ if TYPE_CHECKING:
 MACS = "graphopt_macs"
 
 
+#: module types (exactly these, not subclasses) whose forward never reaches an op that
+#: torch's FLOP counter counts (matmuls, convolutions, attention)
+_FLOP_FREE_MODULES: frozenset[type] = frozenset({
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm,
+    nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+    nn.LeakyReLU, nn.PReLU, nn.ELU, nn.Mish, nn.Softmax, nn.Dropout, nn.Dropout2d,
+    nn.Dropout3d, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
+    nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Unflatten, nn.Upsample,
+    nn.ZeroPad2d, nn.ConstantPad2d, nn.ChannelShuffle, nn.Embedding,
+})  # fmt: skip
+#: functions and tensor methods that never reach a counted op
+_FLOP_FREE_FUNCTIONS: frozenset[Any] = frozenset({
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+    operator.getitem, getattr, torch.add, torch.sub, torch.mul, torch.cat, torch.stack,
+    torch.flatten, torch.reshape, torch.relu, torch.sigmoid, torch.tanh, torch.transpose,
+    torch.permute, torch.chunk, torch.split, torch.narrow, torch.unsqueeze, torch.squeeze,
+    torch.mean, torch.sum, torch.softmax, F.relu, F.relu6, F.gelu, F.silu, F.hardswish,
+    F.hardsigmoid, F.sigmoid, F.softmax, F.dropout, F.adaptive_avg_pool2d, F.avg_pool2d,
+    F.max_pool2d, F.layer_norm, F.batch_norm, F.group_norm, F.pad, F.interpolate,
+})  # fmt: skip
+_FLOP_FREE_METHODS = frozenset({
+    "add", "sub", "mul", "div", "relu", "sigmoid", "view", "reshape", "flatten", "size",
+    "dim", "permute", "transpose", "contiguous", "chunk", "split", "unsqueeze", "squeeze",
+    "expand", "mean", "sum", "softmax", "clone", "float", "to", "narrow", "unflatten",
+})  # fmt: skip
+
+
+def counts_flops(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether running ``node`` may reach an op torch's FLOP counter counts. Nodes that
+    cannot are run on real tensors outside the counter, at 0 MACs, without its Python
+    dispatch layer (which slows every op and decomposes batch norm into several)."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))) not in _FLOP_FREE_MODULES
+    if node.op == "call_function":
+        return node.target not in _FLOP_FREE_FUNCTIONS
+    if node.op == "call_method":
+        return node.target not in _FLOP_FREE_METHODS
+    return False  # placeholders, attributes, output
+
+
+def run_counting(gm: fx.GraphModule, node: fx.Node, run: Callable[[], Any]) -> tuple[Any, int]:
+    """``run()`` (which executes ``node``) and the multiply-accumulates it performed, counted
+    by torch's FLOP counter (2 FLOPs per MAC) with :data:`FUSED_FLOPS` added."""
+    if not counts_flops(gm, node):
+        return run(), 0
+    with FlopCounterMode(display=False, custom_mapping=FUSED_FLOPS) as counter:
+        result = run()
+    return result, counter.get_total_flops() // 2
+
+
 class _FakeCostInterpreter(fx.Interpreter):
-    """Runs each node under fake tensors and records its value and MAC count."""
+    """Runs each node under fake tensors and records its value and MAC count. (One FLOP
+    counter spans the run: entered per node it would cost more than it saves here.)"""
 
     def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, counter: FlopCounterMode) -> None:
         super().__init__(gm, garbage_collect_values=True)

@@ -22,10 +22,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from graphopt import GraphIR
-from graphopt.analyses import FUSED_FLOPS, MACS
+from graphopt.analyses import MACS, run_counting
 
 from .deps import ChannelGraph, SpaceKey, _arg, _val
 
@@ -105,7 +104,6 @@ def _slice_tensors(ir: GraphIR, masks: dict[SpaceKey, np.ndarray]) -> None:
         new = old.detach()
         for d, mask in sorted(dims.items()):
             new = new.index_select(d, torch.from_numpy(np.flatnonzero(mask)))
-        new = new.clone()
         if isinstance(old, nn.Parameter):
             setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
         elif attr in owner._buffers:
@@ -375,18 +373,18 @@ class _Observer(fx.Interpreter):
     """Runs the graph on real tensors, recording each node's value as a meta tensor (shape
     and dtype only) and its MACs, and naming the node that fails."""
 
-    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode) -> None:
+    def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm, garbage_collect_values=True)
-        self.counter = counter
         self.macs: dict[str, int] = {}
 
+    def _run(self, n: fx.Node) -> Any:
+        return super().run_node(n)
+
     def run_node(self, n: fx.Node) -> Any:
-        before = self.counter.get_total_flops()
         try:
-            out = super().run_node(n)
+            out, self.macs[n.name] = run_counting(self.module, n, lambda: self._run(n))  # type: ignore[arg-type]
         except Exception as exc:
             raise ResizeFailed(n, exc) from exc
-        self.macs[n.name] = (self.counter.get_total_flops() - before) // 2
         n.meta["val"] = fx.node.map_aggregate(out, _as_meta)
         return out
 
@@ -406,8 +404,8 @@ def observe(ir: GraphIR) -> dict[str, int]:
     modes = {m: m.training for m in ir.gm.modules()}
     ir.gm.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=FUSED_FLOPS) as c:
-            observer = _Observer(ir.gm, c)
+        with torch.no_grad():
+            observer = _Observer(ir.gm)
             observer.run(*ir.example_inputs)
     finally:
         for m, training in modes.items():
