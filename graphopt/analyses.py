@@ -178,7 +178,7 @@ def node_costs(ir: GraphIR) -> dict[str, NodeCost]:
         if node.op == "call_module":
             tensors = list(ir.module(node).parameters())
         elif node.op == "get_attr":
-            value = _fetch(ir.gm, str(node.target))
+            value = ir.fetch(str(node.target))
             if isinstance(value, torch.nn.Parameter):
                 tensors = [value]
             elif id(value) not in seen:  # unpacking makes new tensors: count the pack once
@@ -203,13 +203,6 @@ def packed_weights(value: Any) -> list[torch.Tensor]:
     except Exception:  # a packed object of a kind that cannot unpack on this build
         return []
     return [t for t in unpacked if isinstance(t, torch.Tensor)]
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _shapes(ir: GraphIR) -> bool:

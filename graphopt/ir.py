@@ -33,10 +33,48 @@ from torch import nn
 
 from .errors import GraphoptError, first_line
 
-__all__ = ["ORIGIN", "GraphIR", "NodeCost"]
+__all__ = ["ORIGIN", "GraphIR", "NodeCost", "fetch", "free_name", "store_tensor"]
 
 #: node.meta key holding the name of the original node this node stands for
 ORIGIN = "graphopt_origin"
+
+
+def fetch(root: nn.Module, target: str) -> Any:
+    """What ``root`` holds at the dotted path ``target`` (a submodule, parameter, buffer or
+    plain attribute, as a ``get_attr`` node reads it); AttributeError when nothing is there."""
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def free_name(root: nn.Module, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2`` … : the first dotted path under ``root`` that holds
+    nothing yet, for a new submodule or tensor."""
+    name, i = base, 0
+    while True:
+        try:
+            fetch(root, name)
+        except AttributeError:
+            return name
+        i += 1
+        name = f"{base}_{i}"
+
+
+def store_tensor(root: nn.Module, target: str, value: torch.Tensor) -> torch.Tensor:
+    """Put ``value`` at the dotted path ``target`` in place of what is there, keeping its
+    kind: a parameter stays a parameter (with its ``requires_grad``), a buffer a buffer, a
+    plain attribute plain. Returns the stored tensor."""
+    owner_path, _, name = target.rpartition(".")
+    owner = fetch(root, owner_path) if owner_path else root
+    old = getattr(owner, name, None)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        setattr(owner, name, value)
+    return getattr(owner, name)
 
 
 @dataclass(frozen=True)
@@ -194,6 +232,15 @@ class GraphIR:
     def module(self, node: fx.Node) -> nn.Module:
         """The submodule a ``call_module`` node calls."""
         return self.gm.get_submodule(str(node.target))
+
+    def fetch(self, target: str) -> Any:
+        """What the module holds at a dotted path (see :func:`fetch`)."""
+        return fetch(self.gm, target)
+
+    def free_name(self, base: str) -> str:
+        """A dotted path for a new submodule or tensor, ``base`` or ``base_1`` … (see
+        :func:`free_name`)."""
+        return free_name(self.gm, base)
 
     def nodes(
         self,

@@ -144,10 +144,7 @@ class Cleanup(graphopt.Pass):
         def value(node: fx.Node) -> Any:
             if node not in values:
                 if node.op == "get_attr":
-                    obj: Any = ir.gm
-                    for part in str(node.target).split("."):
-                        obj = getattr(obj, part)
-                    values[node] = obj
+                    values[node] = ir.fetch(str(node.target))
                 else:
                     args = fx.node.map_arg(node.args, value)
                     kwargs = fx.node.map_arg(node.kwargs, value)
@@ -169,7 +166,7 @@ class Cleanup(graphopt.Pass):
             result = value(node)
             if not isinstance(result, torch.Tensor):
                 continue
-            name = _free_attr(ir.gm, f"_folded_{node.name}")
+            name = ir.free_name(f"_folded_{node.name}")
             folded = result.detach().clone()
             if _from_parameters(node, values):
                 # Still a weight: keep it trainable and counted, like what it was made from.
@@ -203,14 +200,6 @@ def _drop_unreferenced_attributes(ir: GraphIR, ctx: PassContext) -> None:
         for name in [k for k in table if k not in used]:
             del table[name]
             ctx.stat("unused tensors dropped")
-
-
-def _free_attr(gm: fx.GraphModule, base: str) -> str:
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name
 
 
 PASSES = (Cleanup,)

@@ -292,9 +292,9 @@ class Depthwise(graphopt.Pass):
                 pointwise.bias.copy_(conv.bias)
         depthwise.train(conv.training)
         pointwise.train(conv.training)
-        dw_path = _free_path(ir.gm, f"{plan.target}_dw")
+        dw_path = ir.free_name(f"{plan.target}_dw")
         ir.gm.add_submodule(dw_path, depthwise)
-        pw_path = _free_path(ir.gm, f"{plan.target}_pw")
+        pw_path = ir.free_name(f"{plan.target}_pw")
         ir.gm.add_submodule(pw_path, pointwise)
         for node in nodes:
             with ir.graph.inserting_after(node):
@@ -303,18 +303,6 @@ class Depthwise(graphopt.Pass):
                 pw_node = ir.graph.call_module(pw_path, (dw_node,))
             dw_node.meta[graphopt.ORIGIN] = node.meta.get(graphopt.ORIGIN, node.name)
             ir.replace(node, pw_node)
-
-
-def _free_path(gm: fx.GraphModule, base: str) -> str:
-    """``base``, or ``base_1``, ``base_2`` … if a submodule already has that path."""
-    path, i = base, 0
-    while True:
-        try:
-            gm.get_submodule(path)
-        except AttributeError:
-            return path
-        i += 1
-        path = f"{base}_{i}"
 
 
 PASSES = (Depthwise,)

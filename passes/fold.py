@@ -41,6 +41,7 @@ from torch.nn.utils import parametrize
 
 import graphopt
 from graphopt import GraphIR, GraphoptError, PassContext
+from graphopt.ir import fetch, free_name, store_tensor
 
 __all__ = ["Fold"]
 
@@ -228,24 +229,6 @@ def _set_arg(node: fx.Node, names: Sequence[str], name: str, value: Any) -> None
         node.kwargs = {**node.kwargs, name: value}
 
 
-def _fetch(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _free_name(gm: nn.Module, base: str) -> str:
-    name, i = base, 0
-    while True:
-        try:
-            _fetch(gm, name)
-        except AttributeError:
-            return name
-        i += 1
-        name = f"{base}{i}"
-
-
 def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks) or parametrize.is_parametrized(m)
 
@@ -260,7 +243,7 @@ class _Uses:
             if node.op == "call_module":
                 self._add(_module_tensors(ir.module(node)), 1)
             elif node.op == "get_attr":
-                obj = _fetch(ir.gm, str(node.target))
+                obj = fetch(ir.gm, str(node.target))
                 tensors = _module_tensors(obj) if isinstance(obj, nn.Module) else [obj]
                 self._add([t for t in tensors if isinstance(t, torch.Tensor)], len(node.users))
 
@@ -298,7 +281,7 @@ class _Constants:
 
     def _evaluate(self, node: fx.Node) -> Any:
         if node.op == "get_attr":
-            return _fetch(self.gm, str(node.target))
+            return fetch(self.gm, str(node.target))
         pure = (node.op == "call_function" and node.target in _PURE_FUNCTIONS) or (
             node.op == "call_method" and node.target in _PURE_METHODS
         )
@@ -605,7 +588,7 @@ class Fold(graphopt.Pass):
             return "has a computed number of groups"
         # fetched afresh, not memoised: an earlier fold may have rewritten them
         values = [
-            _fetch(self.ir.gm, str(a.target)) if a is not None else None for a in (weight, bias)
+            fetch(self.ir.gm, str(a.target)) if a is not None else None for a in (weight, bias)
         ]
         return _Layer(node, kind, spatial, values[0], values[1], groups, argnames=names)
 
@@ -636,7 +619,7 @@ class Fold(graphopt.Pass):
             m = layer.module
             if clone:
                 m = copy.deepcopy(m)
-                path = _free_name(self.ir.gm, f"{layer.node.target}_folded")
+                path = free_name(self.ir.gm, f"{layer.node.target}_folded")
                 self.ir.gm.add_submodule(path, m)
                 layer.node.target = path
             m.weight = nn.Parameter(weight, requires_grad=grad)
@@ -647,16 +630,16 @@ class Fold(graphopt.Pass):
         for key, value in (("weight", weight), ("bias", bias)):
             arg = _arg(layer.node, layer.argnames, key)
             if isinstance(arg, fx.Node) and not clone:
-                new.append(_overwrite(self.ir.gm, str(arg.target), value))
+                new.append(store_tensor(self.ir.gm, str(arg.target), value))
                 continue
-            target = _free_name(self.ir.gm, f"{layer.node.name}_folded_{key}")
+            target = free_name(self.ir.gm, f"{layer.node.name}_folded_{key}")
             if isinstance(layer.weight, nn.Parameter):
                 self.ir.gm.register_parameter(target, nn.Parameter(value, requires_grad=grad))
             else:
                 self.ir.gm.register_buffer(target, value)
             with self.ir.graph.inserting_before(layer.node):
                 _set_arg(layer.node, layer.argnames, key, self.ir.graph.get_attr(target))
-            new.append(_fetch(self.ir.gm, target))
+            new.append(fetch(self.ir.gm, target))
             if isinstance(arg, fx.Node):
                 self._erase_dead([arg])
         self.uses.moved(old, new)
@@ -717,20 +700,6 @@ def _per_channel(
     return const.detach().double().reshape(-1)
 
 
-def _overwrite(gm: nn.Module, target: str, value: torch.Tensor) -> torch.Tensor:
-    """Replace the tensor stored at ``target`` (keeping it a parameter or a buffer)."""
-    owner_path, _, name = target.rpartition(".")
-    owner = _fetch(gm, owner_path) if owner_path else gm
-    old = getattr(owner, name)
-    if isinstance(old, nn.Parameter):
-        setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
-    elif name in owner._buffers:
-        owner._buffers[name] = value
-    else:
-        setattr(owner, name, value)
-    return getattr(owner, name)
-
-
 def _drop_attr(ir: GraphIR, target: str) -> None:
     for node in ir.graph.nodes:
         if node.op in ("get_attr", "call_module"):
@@ -738,7 +707,7 @@ def _drop_attr(ir: GraphIR, target: str) -> None:
             if t == target or t.startswith(target + ".") or target.startswith(t + "."):
                 return
     owner_path, _, name = target.rpartition(".")
-    owner = _fetch(ir.gm, owner_path) if owner_path else ir.gm
+    owner = fetch(ir.gm, owner_path) if owner_path else ir.gm
     if hasattr(owner, name):
         delattr(owner, name)
 

@@ -196,3 +196,28 @@ def test_input_that_does_not_fit_is_one_sentence():
     message = str(info.value)
     assert "does not fit" in message and "conv1" in message and "--input-shape" in message
     assert "\n" not in message
+
+
+def test_fetch_free_name_and_store_tensor_follow_dotted_paths() -> None:
+    """The helpers every pass uses to read attributes, name new ones and replace tensors:
+    a new name avoids submodules, parameters, buffers and plain attributes alike, and a
+    replaced tensor keeps its kind."""
+    from graphopt.ir import fetch, free_name, store_tensor
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    model.get_submodule("0").weight.requires_grad_(False)
+    ir = GraphIR.trace(model, (torch.randn(1, 3, 8, 8),))
+    assert ir.fetch("1.running_mean") is ir.gm.get_submodule("1").running_mean
+    assert ir.free_name("0") == "0_1" and ir.free_name("0.weight") == "0.weight_1"
+    assert ir.free_name("1.running_var") == "1.running_var_1" and ir.free_name("new") == "new"
+    ir.gm.register_buffer("new", torch.zeros(1))
+    ir.gm.new_1 = torch.zeros(1)
+    assert free_name(ir.gm, "new") == "new_2"
+    w = store_tensor(ir.gm, "0.weight", torch.zeros(4, 3, 3, 3))
+    assert isinstance(w, torch.nn.Parameter) and not w.requires_grad
+    assert fetch(ir.gm, "0.weight") is w and "weight" in ir.gm.get_submodule("0")._parameters
+    b = store_tensor(ir.gm, "1.running_mean", torch.full((4,), 2.0))
+    assert "running_mean" in ir.gm.get_submodule("1")._buffers and b.eq(2).all()
+    assert "running_mean" in dict(ir.gm.get_submodule("1").named_buffers())
+    plain = store_tensor(ir.gm, "new_1", torch.ones(3))
+    assert not isinstance(plain, torch.nn.Parameter) and "new_1" not in ir.gm._buffers

@@ -202,10 +202,7 @@ class ChannelGraph:
         return int(val.shape[key[3]])
 
     def tensor(self, qualname: str) -> torch.Tensor:
-        obj: Any = self.ir.gm
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return self.ir.fetch(qualname)
 
     def ids(self, key: SpaceKey, idx: np.ndarray | None = None) -> np.ndarray:
         """Global element ids of a space (allocated on first use)."""

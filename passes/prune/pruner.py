@@ -25,6 +25,7 @@ from torch import nn
 
 from graphopt import GraphIR
 from graphopt.analyses import MACS, run_counting
+from graphopt.ir import store_tensor
 
 from .deps import ChannelGraph, SpaceKey, _arg, _val
 
@@ -98,18 +99,10 @@ def _slice_tensors(ir: GraphIR, masks: dict[SpaceKey, np.ndarray]) -> None:
         if key[0] == "p":
             by_name.setdefault(key[1], {})[key[2]] = mask
     for qualname, dims in by_name.items():
-        owner_path, _, attr = qualname.rpartition(".")
-        owner = ir.gm.get_submodule(owner_path) if owner_path else ir.gm
-        old = getattr(owner, attr)
-        new = old.detach()
+        new = ir.fetch(qualname).detach()
         for d, mask in sorted(dims.items()):
             new = new.index_select(d, torch.from_numpy(np.flatnonzero(mask)))
-        if isinstance(old, nn.Parameter):
-            setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
-        elif attr in owner._buffers:
-            owner._buffers[attr] = new
-        else:
-            setattr(owner, attr, new)
+        store_tensor(ir.gm, qualname, new)
 
 
 def _update_module(m: nn.Module, node: fx.Node, sizes: _Sizes) -> None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphopt import GraphIR
+from graphopt.ir import free_name
 
 from .observers import quantize_weight, weight_qparams
 from .plan import Plan
@@ -49,23 +50,6 @@ def _weight_codes(layer: Any, per_channel: bool) -> tuple[torch.Tensor, torch.Te
     return quantize_weight(layer.weight, scales), scales
 
 
-def _free_name(gm: nn.Module, base: str) -> str:
-    name, i = base, 0
-    while _has(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name
-
-
-def _has(gm: nn.Module, dotted: str) -> bool:
-    obj: Any = gm
-    for part in dotted.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
-    return True
-
-
 def _set_module(gm: nn.Module, dotted: str, module: nn.Module) -> None:
     parent, _, leaf = dotted.rpartition(".")
     owner = gm.get_submodule(parent) if parent else gm
@@ -86,7 +70,7 @@ def _place(gm: fx.GraphModule, node: fx.Node, module: nn.Module, uses: dict[str,
     if uses[target] == 1:
         _set_module(gm, target, module)
         return target
-    name = _free_name(gm, target.replace(".", "_") + "_site")
+    name = free_name(gm, target.replace(".", "_") + "_site")
     gm.add_module(name, module)
     return name
 
@@ -164,7 +148,7 @@ def to_int8(
             assert out is not None
             if site.kind == "layer":
                 layer = ir.module(node)
-                name = _free_name(gm, str(node.target).replace(".", "_") + "_packed")
+                name = free_name(gm, str(node.target).replace(".", "_") + "_packed")
                 setattr(gm, name, _packed_layer(layer, per_channel))
                 with graph.inserting_before(node), warnings.catch_warnings():
                     # fx does not count a TorchScript object as a real attribute; it is one
@@ -281,11 +265,11 @@ def _layer_to_qdq(ir: GraphIR, node: fx.Node, x: fx.Node, per_channel: bool) -> 
         ("weight_scale", scales.float()),
         ("weight_zero_point", torch.zeros(scales.numel(), dtype=torch.int64)),
     ):
-        names[key] = _free_name(gm, f"{base}_{key}")
+        names[key] = free_name(gm, f"{base}_{key}")
         gm.register_buffer(names[key], value)
     bias_name = None
     if layer.bias is not None:
-        bias_name = _free_name(gm, f"{base}_bias")
+        bias_name = free_name(gm, f"{base}_bias")
         gm.register_buffer(bias_name, layer.bias.detach().clone())
     with graph.inserting_before(node):
         w_codes = graph.get_attr(names["weight_int8"])

@@ -272,9 +272,9 @@ class LowRank(graphopt.Pass):
                 second.bias.copy_(layer.bias)
         first.train(layer.training)
         second.train(layer.training)
-        first_path = _unused_path(ir.gm, f"{plan.target}_lr_a")
+        first_path = ir.free_name(f"{plan.target}_lr_a")
         ir.gm.add_submodule(first_path, first)
-        second_path = _unused_path(ir.gm, f"{plan.target}_lr_b")
+        second_path = ir.free_name(f"{plan.target}_lr_b")
         ir.gm.add_submodule(second_path, second)
         for node in nodes:
             with ir.graph.inserting_after(node):
@@ -294,13 +294,3 @@ def _unsupported(layer: Any, node: torch.fx.Node) -> str | None:
     if layer._forward_hooks or layer._forward_pre_hooks or parametrize.is_parametrized(layer):
         return "it has hooks or parametrizations that would be lost"
     return None
-
-
-def _unused_path(gm: torch.fx.GraphModule, base: str) -> str:
-    """``base`` if no submodule has that path, else ``base_1``, ``base_2`` …"""
-    taken = {name for name, _ in gm.named_modules()}
-    path, i = base, 0
-    while path in taken:
-        i += 1
-        path = f"{base}_{i}"
-    return path
