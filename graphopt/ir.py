@@ -282,6 +282,30 @@ class GraphIR:
         old.replace_all_uses_with(new)
         self.graph.erase_node(old)
 
+    def replace_calls(
+        self, nodes: Sequence[fx.Node], chain: Sequence[tuple[str, nn.Module]]
+    ) -> list[str]:
+        """Replace ``call_module`` nodes of one submodule by calls of the modules in
+        ``chain``, one after another (the first gets each call's arguments, the next the
+        previous output), e.g. a conv by a depthwise and a pointwise conv. Each
+        ``(suffix, module)`` is added once, at :meth:`free_name` of ``TARGET_suffix``, and
+        shared by every call; every new node carries the old node's provenance. Returns the
+        new modules' paths."""
+        base = str(nodes[0].target)
+        paths = []
+        for suffix, module in chain:
+            paths.append(self.free_name(f"{base}_{suffix}"))
+            self.gm.add_submodule(paths[-1], module)
+        for node in nodes:
+            last = node
+            for path in paths:
+                with self.graph.inserting_after(last):
+                    new = self.graph.call_module(path, node.args if last is node else (last,))
+                new.meta[ORIGIN] = node.meta.get(ORIGIN, node.name)
+                last = new
+            self.replace(node, last)
+        return paths
+
     def recompile(self) -> None:
         """Regenerate the module's code after graph edits and drop unused submodules."""
         self.graph.lint()

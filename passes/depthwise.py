@@ -292,17 +292,7 @@ class Depthwise(graphopt.Pass):
                 pointwise.bias.copy_(conv.bias)
         depthwise.train(conv.training)
         pointwise.train(conv.training)
-        dw_path = ir.free_name(f"{plan.target}_dw")
-        ir.gm.add_submodule(dw_path, depthwise)
-        pw_path = ir.free_name(f"{plan.target}_pw")
-        ir.gm.add_submodule(pw_path, pointwise)
-        for node in nodes:
-            with ir.graph.inserting_after(node):
-                dw_node = ir.graph.call_module(dw_path, node.args)
-            with ir.graph.inserting_after(dw_node):
-                pw_node = ir.graph.call_module(pw_path, (dw_node,))
-            dw_node.meta[graphopt.ORIGIN] = node.meta.get(graphopt.ORIGIN, node.name)
-            ir.replace(node, pw_node)
+        ir.replace_calls(nodes, [("dw", depthwise), ("pw", pointwise)])
 
 
 PASSES = (Depthwise,)

@@ -221,3 +221,35 @@ def test_fetch_free_name_and_store_tensor_follow_dotted_paths() -> None:
     assert "running_mean" in dict(ir.gm.get_submodule("1").named_buffers())
     plain = store_tensor(ir.gm, "new_1", torch.ones(3))
     assert not isinstance(plain, torch.nn.Parameter) and "new_1" not in ir.gm._buffers
+
+
+def test_replace_calls_chains_new_modules_at_every_call() -> None:
+    """A Linear called twice becomes the same two-module chain at both calls: outputs equal
+    when the chain computes the same map, new nodes keep the old provenance, and a taken
+    path is not reused."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 4)
+            self.fc_a = nn.ReLU()  # holds the first choice of path
+
+        def forward(self, x):
+            return self.fc_a(self.fc(x) + self.fc(x.flip(-1)))
+
+    torch.manual_seed(0)
+    model = Twice().eval()
+    x = torch.randn(3, 6)
+    ir = GraphIR.trace(model, (x,))
+    calls = ir.nodes(target="fc")
+    first, second = nn.Linear(6, 6, bias=False), nn.Linear(6, 4)
+    with torch.no_grad():
+        first.weight.copy_(torch.eye(6))
+        second.load_state_dict(model.fc.state_dict())
+    paths = ir.replace_calls(calls, [("a", first), ("b", second)])
+    ir.recompile()
+    assert paths == ["fc_a_1", "fc_b"]
+    assert [n.target for n in ir.nodes(op="call_module")].count("fc_a_1") == 2
+    assert {n.meta[graphopt.ORIGIN] for n in ir.nodes(target="fc_b")} == {c.name for c in calls}
+    with torch.no_grad():
+        torch.testing.assert_close(ir.gm(x), model(x))

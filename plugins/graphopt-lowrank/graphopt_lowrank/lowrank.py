@@ -272,17 +272,7 @@ class LowRank(graphopt.Pass):
                 second.bias.copy_(layer.bias)
         first.train(layer.training)
         second.train(layer.training)
-        first_path = ir.free_name(f"{plan.target}_lr_a")
-        ir.gm.add_submodule(first_path, first)
-        second_path = ir.free_name(f"{plan.target}_lr_b")
-        ir.gm.add_submodule(second_path, second)
-        for node in nodes:
-            with ir.graph.inserting_after(node):
-                first_node = ir.graph.call_module(first_path, node.args)
-            with ir.graph.inserting_after(first_node):
-                second_node = ir.graph.call_module(second_path, (first_node,))
-            first_node.meta[graphopt.ORIGIN] = node.meta.get(graphopt.ORIGIN, node.name)
-            ir.replace(node, second_node)
+        ir.replace_calls(nodes, [("lr_a", first), ("lr_b", second)])
 
 
 def _unsupported(layer: Any, node: torch.fx.Node) -> str | None:
