@@ -71,11 +71,38 @@ def counts_flops(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False  # placeholders, attributes, output
 
 
+def _conv_macs(m: Any, out: torch.Tensor) -> int:
+    # every output element sums over in_channels/groups × kernel positions
+    return out.numel() * m.weight[0].numel()
+
+
+def _linear_macs(m: Any, out: torch.Tensor) -> int:
+    return out.numel() * m.in_features
+
+
+#: module types (exactly these) whose MACs follow from their output's shape, as torch's FLOP
+#: counter computes them for the convolution and matmul they run (bias adds not counted)
+_SHAPE_MACS: dict[type, Callable[[Any, torch.Tensor], int]] = {
+    nn.Conv1d: _conv_macs,
+    nn.Conv2d: _conv_macs,
+    nn.Conv3d: _conv_macs,
+    nn.Linear: _linear_macs,
+}
+
+
 def run_counting(gm: fx.GraphModule, node: fx.Node, run: Callable[[], Any]) -> tuple[Any, int]:
     """``run()`` (which executes ``node``) and the multiply-accumulates it performed, counted
-    by torch's FLOP counter (2 FLOPs per MAC) with :data:`FUSED_FLOPS` added."""
+    by torch's FLOP counter (2 FLOPs per MAC) with :data:`FUSED_FLOPS` added, or for plain
+    convolutions and linear layers from the output's shape (the same count, without the
+    counter's per-op dispatch)."""
     if not counts_flops(gm, node):
         return run(), 0
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        formula = _SHAPE_MACS.get(type(m))
+        if formula is not None:
+            out = run()
+            return out, formula(m, out)
     with FlopCounterMode(display=False, custom_mapping=FUSED_FLOPS) as counter:
         result = run()
     return result, counter.get_total_flops() // 2

@@ -139,6 +139,46 @@ def _drop_guarded_placeholders(graph: fx.Graph) -> None:
             graph.erase_node(dead)
 
 
+def _shallow_module(m: nn.Module, done: dict[int, nn.Module]) -> nn.Module:
+    """A new module object with ``m``'s attributes, its own parameter, buffer and submodule
+    tables, and new submodules (each copied once, so sharing is kept)."""
+    if id(m) in done:
+        return done[id(m)]
+    new: nn.Module
+    if isinstance(m, fx.GraphModule):
+        # its forward lives on a class of its own, which a shallow copy would share
+        memo: dict[int, Any] = {id(t): t for t in [*m.parameters(), *m.buffers()]}
+        new = copy.deepcopy(m, memo)
+    else:
+        new = type(m).__new__(type(m))
+        new.__dict__.update(m.__dict__)
+        new._parameters = dict(m._parameters)
+        new._buffers = dict(m._buffers)
+        new._modules = {
+            k: None if v is None else _shallow_module(v, done) for k, v in m._modules.items()
+        }
+    done[id(m)] = new
+    return new
+
+
+def _shallow_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with a new graph and new modules sharing ``gm``'s tensors."""
+    holder = nn.Module()
+    holder.__dict__.update(
+        {k: v for k, v in gm.__dict__.items() if k not in holder.__dict__ and k != "_graph"}
+    )
+    done: dict[int, nn.Module] = {}
+    holder._parameters = dict(gm._parameters)
+    holder._buffers = dict(gm._buffers)
+    holder._modules = {
+        k: None if v is None else _shallow_module(v, done) for k, v in gm._modules.items()
+    }
+    new = fx.GraphModule(holder, copy.deepcopy(gm.graph), type(gm).__name__)
+    new.train(gm.training)
+    new.meta = dict(getattr(gm, "meta", {}))
+    return new
+
+
 def _position(graph: fx.Graph, node: fx.Node) -> int:
     for i, n in enumerate(graph.nodes):
         if n is node:
@@ -203,8 +243,19 @@ class GraphIR:
         gm.train(model.training)
         return cls(gm, example_inputs, source=source)
 
-    def copy(self) -> GraphIR:
-        """A deep copy sharing nothing with this IR (modules, parameters, graph)."""
+    def copy(self, *, share_tensors: bool = False) -> GraphIR:
+        """A deep copy sharing nothing with this IR (modules, parameters, graph). With
+        ``share_tensors`` the graph and every module are new but parameters and buffers are
+        the same tensors: replacing a tensor (:func:`store_tensor`) or a module attribute in
+        the copy leaves this IR alone, writing into a shared tensor does not. It costs a
+        fraction of a deep copy (no tensor data is copied)."""
+        if share_tensors:
+            return GraphIR(
+                _shallow_graph_module(self.gm),
+                self.example_inputs,
+                source=self.source,
+                history=self.history,
+            )
         try:
             gm = copy.deepcopy(self.gm)
         except RuntimeError as exc:
@@ -327,6 +378,12 @@ class GraphIR:
             self._analyses[name] = analyses[name](self)
         return self._analyses[name]
 
+    def provide(self, name: str, value: Any) -> None:
+        """Record ``value`` as the named analysis of the graph as it is now, computed by other
+        means (a pass that has just run the graph knows its shapes); the next change must
+        :meth:`invalidate` it as usual."""
+        self._analyses[name] = value
+
     def has_analysis(self, name: str) -> bool:
         """Whether ``name`` is computed and still valid (cached), without computing it."""
         return name in self._analyses
@@ -359,6 +416,7 @@ class GraphIR:
             t.numel()
             for m in self.gm.modules()
             for value in vars(m).values()
+            if isinstance(value, torch.ScriptObject)
             for t in packed_weights(value)
         )
         return sum(p.numel() for p in self.gm.parameters()) + packed

@@ -253,3 +253,41 @@ def test_replace_calls_chains_new_modules_at_every_call() -> None:
     assert {n.meta[graphopt.ORIGIN] for n in ir.nodes(target="fc_b")} == {c.name for c in calls}
     with torch.no_grad():
         torch.testing.assert_close(ir.gm(x), model(x))
+
+
+def test_copy_sharing_tensors_is_independent_but_for_the_tensors(block, block_input) -> None:
+    """``copy(share_tensors=True)``: same outputs; replacing a tensor, a module attribute or
+    the graph in the copy leaves the original alone; the tensors themselves are shared."""
+    ir = GraphIR.trace(block, block_input)
+    ir.analysis("shapes")
+    twin = ir.copy(share_tensors=True)
+    assert not twin.has_analysis("shapes")
+    with torch.no_grad():
+        torch.testing.assert_close(twin.gm(*block_input), ir.gm(*block_input), rtol=0, atol=0)
+    originals = dict(ir.gm.named_parameters())
+    assert all(p is originals[name] for name, p in twin.gm.named_parameters())
+    assert all(a is not b for a, b in zip(twin.gm.modules(), ir.gm.modules(), strict=True))
+    assert twin.graph is not ir.graph and type(twin.gm) is not type(ir.gm)
+
+    conv = next(n for n in twin.nodes(op="call_module") if n.target == "stem")
+    graphopt.ir.store_tensor(twin.gm, "stem.weight", torch.zeros_like(originals["stem.weight"]))
+    twin.module(conv).out_channels = -1
+    twin.module(conv).weight.requires_grad_(True)
+    with twin.graph.inserting_after(conv):
+        relu = twin.graph.call_function(torch.relu, (conv,))
+    conv.replace_all_uses_with(relu, delete_user_cb=lambda user: user is not relu)
+    twin.recompile()
+    assert ir.gm.get_submodule("stem").weight is originals["stem.weight"]
+    assert ir.gm.get_submodule("stem").out_channels != -1
+    assert len(ir.graph.nodes) == len(twin.graph.nodes) - 1
+    assert "val" in next(n for n in ir.graph.nodes if n.name == conv.name).meta
+    with torch.no_grad():
+        torch.testing.assert_close(ir.gm(*block_input), block(*block_input))
+
+
+def test_provided_analysis_is_used_until_invalidated(block, block_input) -> None:
+    ir = GraphIR.trace(block, block_input)
+    ir.provide("shapes", True)  # nothing was run: costs then read no MACs from the nodes
+    assert ir.total_macs() == 0
+    ir.invalidate()
+    assert ir.total_macs() > 0

@@ -897,3 +897,27 @@ def test_blocks_with_channels_and_attention() -> None:
     assert last.macs / result.ledger[0].macs == pytest.approx(0.5, abs=0.05)
     with torch.no_grad():
         assert result.ir.gm(x).shape == (1, 1000)
+
+
+@pytest.mark.parametrize(
+    ("name", "side"),
+    [("resnet18", 32), ("mobilenet_v3_small", 32), ("regnet_y_400mf", 32), ("vit_b_32", 32)],
+)
+def test_observed_macs_match_the_shapes_analysis(name: str, side: int) -> None:
+    """The pass's checking run counts each node's MACs as the ``shapes`` analysis does (torch's
+    FLOP counter on fake tensors): plain convs and linears from their output shapes, the
+    rest under the counter; with attention's fused fast path, SE gating, grouped and
+    depthwise convs, and linears on 3-d inputs."""
+    from graphopt.passes.prune.pruner import observe
+
+    from graphopt.analyses import MACS
+
+    kwargs = {"image_size": side} if name.startswith("vit") else {}
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None, **kwargs).eval()
+    ir = GraphIR.trace(model, (torch.randn(1, 3, side, side),))
+    ir.analysis("shapes")
+    expected = {n.name: n.meta[MACS] for n in ir.graph.nodes if n.op != "output"}
+    seen = observe(ir)
+    assert {k: seen[k] for k in expected} == expected and sum(expected.values()) > 0
+    assert ir.has_analysis("shapes") and ir.total_macs() == sum(expected.values())

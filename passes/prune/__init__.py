@@ -96,16 +96,15 @@ def prune_once(
             + "; see the prune docs for supported patterns"
         )
     score = scorer(g, criterion, data, seed)
-    reference = Estimator(ir, g, macs)
+    est = Estimator(ir, g, macs)  # reads g's components afresh after every solve
     goal = None
     if target is not None:
-        goal = target * (reference.macs0 if metric == "macs" else reference.params0)
+        goal = target * (est.macs0 if metric == "macs" else est.params0)
     for _ in range(MAX_RETRIES):
         sel = Selector(
             g, score(g), round_to=round_to, max_layer_ratio=max_layer_ratio,
             global_rank=global_rank,
         )  # fmt: skip
-        est = Estimator(ir, g, macs)
         if goal is None:
             chosen, removed = ratio, sel.removal(ratio)
         else:
@@ -216,6 +215,9 @@ class Prune(graphopt.Pass):
     summary = "Remove whole channels (conv filters, linear units, heads) with their dependants."
     exact = False
     after = ("cleanup",)
+    # every change ends with a run of the pruned graph (observe), which leaves its shapes
+    # and MACs on the nodes; run() passes that on and drops everything else
+    keeps = ("shapes",)
 
     @dataclass
     class Options:
@@ -321,13 +323,17 @@ class Prune(graphopt.Pass):
                     ctx.note(line)
                 if len(result.notes) > 20:
                     ctx.note(f"… and {len(result.notes) - 20} more frozen groups")
+        fresh = current.has_analysis("shapes")  # observed after its last change
         ir.gm = current.gm
         ir.invalidate()
+        if fresh:
+            ir.provide("shapes", True)
         macs_now = result.total_macs if result is not None else sum(macs.values())
         ctx.stat("MACs kept %", round(100 * macs_now / max(macs0, 1), 2))
-        ctx.stat("params kept %", round(100 * ir.total_params() / max(params0, 1), 2))
+        params_now = ir.total_params()
+        ctx.stat("params kept %", round(100 * params_now / max(params0, 1), 2))
         if o.target is not None:
-            base, now = (macs0, macs_now) if o.metric == "macs" else (params0, ir.total_params())
+            base, now = (macs0, macs_now) if o.metric == "macs" else (params0, params_now)
             if abs(now / max(base, 1) - o.target) > 0.02:
                 ctx.note(
                     f"kept {100 * now / max(base, 1):.1f}% of the {o.metric} instead of the "

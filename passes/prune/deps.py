@@ -132,6 +132,13 @@ def _val(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
+def distinct(a: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of ``a`` (numpy 2's hashing ``np.unique`` is several times
+    slower than a sort on the id arrays here)."""
+    a = np.sort(a, axis=None)
+    return a[np.concatenate(([True], a[1:] != a[:-1]))] if len(a) else a
+
+
 def _call(node: fx.Node, first: Any) -> Any:
     """Run ``node``'s op with ``first`` as its data input and propagated values elsewhere."""
     rest = fx.node.map_aggregate(_concrete(node.args[1:]), _zeros_like_fake)
@@ -184,6 +191,7 @@ class ChannelGraph:
     comp: np.ndarray | None = None
     prunable: np.ndarray | None = None  # bool per component
     group_of: np.ndarray | None = None  # group id per component (-1 if not prunable)
+    space_of: np.ndarray | None = None  # index (in ``spaces`` order) of each element's space
 
     # -- spaces and elements ------------------------------------------------------------------
 
@@ -620,20 +628,17 @@ class ChannelGraph:
         self.frozen = frozen
         self.has_producer = has_producer
         self.prunable = has_producer & ~frozen
-        # groups: prunable atoms sharing a space
+        # groups: prunable atoms sharing a space (one edge per distinct atom-space pair)
+        sizes = np.fromiter((size for _, size in self.spaces.values()), np.int64, len(self.spaces))
+        self.space_of = np.repeat(np.arange(len(self.spaces)), sizes)
         atom_ids = np.flatnonzero(self.prunable)
         index = -np.ones(ncomp, dtype=np.int64)
         index[atom_ids] = np.arange(len(atom_ids))
-        rows, cols = [], []
-        for s, (start, size) in enumerate(self.spaces.values()):
-            c = comp[start : start + size]
-            sel = index[c]
-            sel = np.unique(sel[sel >= 0])
-            rows.append(sel)
-            cols.append(np.full(len(sel), s))
         m = len(atom_ids)
-        r = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-        c = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+        of_element = index[comp]
+        inside = of_element >= 0
+        pairs = distinct(of_element[inside] * len(self.spaces) + self.space_of[inside])
+        r, c = pairs // max(len(self.spaces), 1), pairs % max(len(self.spaces), 1)
         bip = coo_matrix(
             (np.ones(len(r), dtype=np.int8), (r, c + m)), shape=(m + len(self.spaces),) * 2
         )
@@ -644,18 +649,30 @@ class ChannelGraph:
             group_of[atom_ids] = compact
         self.group_of = group_of
 
+    def spaces_touching(self, flags: np.ndarray) -> list[tuple[SpaceKey, int, int]]:
+        """``(key, start, size)`` of every space with an element in a flagged component
+        (``flags``: one bool per component), in ``spaces`` order."""
+        assert self.comp is not None
+        hit = np.concatenate([[0], np.cumsum(flags[self.comp], dtype=np.int64)])
+        items = list(self.spaces.items())
+        starts = np.fromiter((v[0] for _, v in items), np.int64, len(items))
+        ends = starts + np.fromiter((v[1] for _, v in items), np.int64, len(items))
+        return [
+            (items[i][0], *items[i][1]) for i in np.flatnonzero(hit[ends] > hit[starts])
+        ]  # fmt: skip
+
     def frozen_report(self) -> list[str]:
         """One line per (node, reason) that kept some layer's output channels whole."""
         assert self.comp is not None
         reason_of: dict[int, tuple[str, str]] = {}
         for f in self.freezes:
-            for c in np.unique(self.comp[f.elements]):
+            for c in distinct(self.comp[f.elements]):
                 reason_of.setdefault(int(c), (f.node, f.reason))
         lines: dict[tuple[str, str], list[str]] = {}
         for key in sorted(self.producers, key=str):
             if key not in self.spaces:
                 continue
-            comps = np.unique(self.comp[self.ids(key)])
+            comps = distinct(self.comp[self.ids(key)])
             frozen = [c for c in comps if self.frozen[c]]
             if frozen:
                 why = reason_of.get(int(frozen[0]), ("?", "?"))

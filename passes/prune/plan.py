@@ -41,24 +41,25 @@ class Selector:
         global_rank: bool,
     ) -> None:
         assert g.prunable is not None and g.group_of is not None and g.comp is not None
+        assert g.space_of is not None
         self.g = g
         self.ncomp = len(g.prunable)
         self.scores = scores
         self.max_layer_ratio = max_layer_ratio
         self.global_rank = global_rank
         atoms = np.flatnonzero(g.prunable)
+        # an atom's width: the most elements it has in any one space (a head spans head_dim)
         mult = np.ones(self.ncomp, dtype=np.int64)
-        for start, size in g.spaces.values():
-            c = g.comp[start : start + size]
-            c = c[g.prunable[c]]
-            if len(c):
-                u, n = np.unique(c, return_counts=True)
-                np.maximum.at(mult, u, n)
+        inside = g.prunable[g.comp]
+        pairs, n = np.unique(
+            g.space_of[inside] * self.ncomp + g.comp[inside], return_counts=True
+        )  # fmt: skip
+        np.maximum.at(mult, pairs % self.ncomp, n)
         self.groups: list[_Group] = []
         gid = g.group_of[atoms]
-        for k in np.unique(gid):
-            members = atoms[gid == k]
-            members = members[np.argsort(scores[members], kind="stable")]
+        by_group = atoms[np.lexsort((scores[atoms], gid))]  # by group, then by score
+        bounds = np.flatnonzero(np.diff(g.group_of[by_group])) + 1
+        for members in np.split(by_group, bounds) if len(atoms) else []:
             width = int(mult[members].max())
             step = max(1, round_to // width) if round_to > 1 else 1
             if len(members) < 2 * step:

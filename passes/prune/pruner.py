@@ -11,7 +11,6 @@ caller can freeze it and try again.
 
 from __future__ import annotations
 
-import copy
 import math
 import operator
 import sys
@@ -44,12 +43,10 @@ class ResizeFailed(Exception):
 def keep_masks(g: ChannelGraph, removed: np.ndarray) -> dict[SpaceKey, np.ndarray]:
     """Keep mask of every space that loses at least one element."""
     assert g.comp is not None
-    masks = {}
-    for key, (start, size) in g.spaces.items():
-        gone = removed[g.comp[start : start + size]]
-        if gone.any():
-            masks[key] = ~gone
-    return masks
+    return {
+        key: ~removed[g.comp[start : start + size]]
+        for key, start, size in g.spaces_touching(removed)
+    }
 
 
 class _Sizes:
@@ -379,6 +376,7 @@ class _Observer(fx.Interpreter):
         except Exception as exc:
             raise ResizeFailed(n, exc) from exc
         n.meta["val"] = fx.node.map_aggregate(out, _as_meta)
+        n.meta[MACS] = self.macs[n.name]
         return out
 
 
@@ -391,9 +389,11 @@ def _as_meta(value: Any) -> Any:
 def observe(ir: GraphIR) -> dict[str, int]:
     """Run ``ir`` once on its example inputs (eval mode, no grad): every node's
     ``meta["val"]`` becomes a meta tensor of its value's shape and dtype, and the MACs of
-    each node are returned, counted as the ``costs`` analysis counts them. Raise
+    each node are returned, counted as the ``costs`` analysis counts them. This stands for
+    the ``shapes`` analysis of ``ir`` from then on (until the next change). Raise
     :class:`ResizeFailed` naming the first node that does not run. Real tensors at
     example-input sizes cost less than fake-tensor propagation's per-op overhead."""
+    ir.invalidate()
     modes = {m: m.training for m in ir.gm.modules()}
     ir.gm.eval()
     try:
@@ -403,6 +403,7 @@ def observe(ir: GraphIR) -> dict[str, int]:
     finally:
         for m, training in modes.items():
             m.training = training
+    ir.provide("shapes", True)
     return observer.macs
 
 
@@ -421,7 +422,4 @@ def known_macs(ir: GraphIR) -> dict[str, int] | None:
 def light_copy(ir: GraphIR) -> GraphIR:
     """A copy of ``ir`` whose graph and modules are new but whose parameters and buffers are
     shared: removal replaces the tensors it slices instead of writing into them."""
-    memo: dict[int, Any] = {id(t): t for t in ir.gm.parameters()}
-    memo.update({id(t): t for t in ir.gm.buffers()})
-    gm = copy.deepcopy(ir.gm, memo)
-    return GraphIR(gm, ir.example_inputs, source=ir.source, history=ir.history)
+    return ir.copy(share_tensors=True)
