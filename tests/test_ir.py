@@ -291,3 +291,40 @@ def test_provided_analysis_is_used_until_invalidated(block, block_input) -> None
     assert ir.total_macs() == 0
     ir.invalidate()
     assert ir.total_macs() > 0
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf"])
+@pytest.mark.parametrize("training", [False, True])
+def test_shape_keeping_modules_get_the_shapes_a_real_run_gives(name: str, training: bool):
+    """Batch norms and activations are not run under fake tensors (their output is made like
+    their input): every node's shape and dtype still match a real run, in both modes."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).train(training)
+    x = torch.randn(2, 3, 32, 32)
+    ir = GraphIR.trace(model, (x,))
+    ir.analysis("shapes")
+    real: dict[str, torch.Tensor] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                real[n.name] = out
+            return out
+
+    with torch.no_grad():
+        Recorder(ir.gm).run(x)
+    assert len(real) > 100
+    for node in ir.graph.nodes:
+        if node.name in real:
+            assert ir.shape(node) == tuple(real[node.name].shape), node.name
+            assert ir.dtype(node) == real[node.name].dtype, node.name
+
+
+def test_batch_norm_that_does_not_fit_is_named():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(16), nn.ReLU()).eval()
+    ir = GraphIR.trace(model, (torch.randn(1, 3, 8, 8),))
+    with pytest.raises(graphopt.GraphoptError) as info:
+        ir.analysis("shapes")
+    message = str(info.value)
+    assert "does not fit" in message and "'_1' (BatchNorm2d)" in message and "16" in message
