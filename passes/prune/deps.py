@@ -192,6 +192,7 @@ class ChannelGraph:
     prunable: np.ndarray | None = None  # bool per component
     group_of: np.ndarray | None = None  # group id per component (-1 if not prunable)
     space_of: np.ndarray | None = None  # index (in ``spaces`` order) of each element's space
+    _tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     # -- spaces and elements ------------------------------------------------------------------
 
@@ -210,7 +211,12 @@ class ChannelGraph:
         return int(val.shape[key[3]])
 
     def tensor(self, qualname: str) -> torch.Tensor:
-        return self.ir.fetch(qualname)
+        """The parameter or buffer at ``qualname`` (looked up once: the IR is not edited
+        while its graph is in use)."""
+        found = self._tensors.get(qualname)
+        if found is None:
+            found = self._tensors[qualname] = self.ir.fetch(qualname)
+        return found
 
     def ids(self, key: SpaceKey, idx: np.ndarray | None = None) -> np.ndarray:
         """Global element ids of a space (allocated on first use)."""
