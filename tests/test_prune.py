@@ -921,3 +921,102 @@ def test_observed_macs_match_the_shapes_analysis(name: str, side: int) -> None:
     seen = observe(ir)
     assert {k: seen[k] for k in expected} == expected and sum(expected.values()) > 0
     assert ir.has_analysis("shapes") and ir.total_macs() == sum(expected.values())
+
+
+def _canonical(g) -> tuple[dict, list]:
+    """Each space's component labels (renumbered by first appearance over the spaces in a
+    fixed order) and frozen flags, and every freeze as (node, reason, space, indices): equal
+    exactly when two analyses group and freeze alike, whatever order they numbered
+    elements in."""
+    relabel: dict[int, int] = {}
+    out = {}
+    for key in sorted(g.spaces, key=str):
+        start, size = g.spaces[key]
+        comps = g.comp[start : start + size]
+        labels = tuple(relabel.setdefault(int(c), len(relabel)) for c in comps)
+        out[key] = (labels, tuple(g.frozen[comps]))
+    owner = {}
+    for key, (start, size) in g.spaces.items():
+        for i in range(size):
+            owner[start + i] = (key, i)
+    freezes = sorted(
+        (f.node, f.reason, str(owner[int(e)][0]), owner[int(e)][1])
+        for f in g.freezes
+        for e in f.elements
+    )
+    return out, freezes
+
+
+class _Moves(nn.Module):
+    def __init__(self, channels: int, ops: list[tuple[str, tuple]]) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+        self.ops = ops
+
+    def forward(self, x):
+        x = self.conv(x)
+        for name, args in self.ops:
+            x = getattr(x, name)(*args)
+        return x.sum()
+
+
+@st.composite
+def _move_chains(draw) -> tuple[list[int], list[tuple[str, tuple]]]:
+    shape = [1, draw(st.sampled_from([4, 6, 12])), *draw(st.sampled_from([[2, 3], [4, 1], [6, 2]]))]
+    start = list(shape)
+    ops: list[tuple[str, tuple]] = []
+    for _ in range(draw(st.integers(1, 6))):
+        kind = draw(st.sampled_from(["permute", "transpose", "merge", "split", "unsqueeze",
+                                     "squeeze", "movedim"]))  # fmt: skip
+        rank = len(shape)
+        if kind == "permute":
+            perm = draw(st.permutations(range(rank)))
+            ops.append(("permute", tuple(perm)))
+            shape = [shape[p] for p in perm]
+        elif kind in ("transpose", "movedim") and rank > 1:
+            a, b = draw(st.integers(0, rank - 1)), draw(st.integers(0, rank - 1))
+            ops.append((kind, (a, b)))
+            if kind == "transpose":
+                shape[a], shape[b] = shape[b], shape[a]
+            else:
+                shape.insert(b, shape.pop(a))
+        elif kind == "merge" and rank > 1:
+            i = draw(st.integers(0, rank - 2))
+            shape = [*shape[:i], shape[i] * shape[i + 1], *shape[i + 2 :]]
+            ops.append(("reshape", tuple(shape)))
+        elif kind == "split":
+            i = draw(st.integers(0, rank - 1))
+            factors = [f for f in (2, 3) if shape[i] % f == 0 and shape[i] > f]
+            if factors:
+                f = draw(st.sampled_from(factors))
+                shape = [*shape[:i], f, shape[i] // f, *shape[i + 1 :]]
+                ops.append(("view", tuple(shape)))
+        elif kind == "unsqueeze":
+            i = draw(st.integers(0, rank))
+            ops.append(("unsqueeze", (i,)))
+            shape.insert(i, 1)
+        elif kind == "squeeze" and 1 in shape and rank > 1:
+            i = shape.index(1)
+            ops.append(("squeeze", (i,)))
+            shape.pop(i)
+    return start, ops
+
+
+@settings(max_examples=40, deadline=None)
+@given(chain=_move_chains())
+def test_moves_mapped_from_shapes_agree_with_coordinates(chain) -> None:
+    """Permutations and reshapes are linked from their shapes alone; running each op on
+    coordinate tensors (the general method) groups and freezes every element alike."""
+    from graphopt.passes.prune import deps
+
+    start, ops = chain
+    ir = GraphIR.trace(_Moves(start[1], ops), (torch.randn(*start),))
+    ir.analysis("shapes")
+    by_shape = deps.analyse(ir)
+    original = deps.ChannelGraph._move_by_shape
+    deps.ChannelGraph._move_by_shape = lambda self, node: False  # type: ignore[method-assign]
+    try:
+        by_coordinates = deps.analyse(ir)
+    finally:
+        deps.ChannelGraph._move_by_shape = original  # type: ignore[method-assign]
+    assert _canonical(by_shape) == _canonical(by_coordinates)

@@ -96,6 +96,16 @@ _MOVE_METHODS = {
     "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "view_as",
     "reshape_as", "narrow", "select",
 }  # fmt: skip
+#: moves that only reorder dims, and moves that regroup dims in row-major order: mapped from
+#: shapes alone (``ChannelGraph._move_by_shape``)
+_PERMUTES: set[Any] = {
+    torch.permute, torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim, torch.t,
+    "permute", "transpose", "swapaxes", "swapdims", "movedim", "t",
+}  # fmt: skip
+_RESHAPES: set[Any] = {
+    torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze, "view",
+    "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
+}  # fmt: skip
 _REDUCE_FUNCS: set[Any] = {
     torch.mean,
     torch.sum,
@@ -137,6 +147,37 @@ def distinct(a: np.ndarray) -> np.ndarray:
     slower than a sort on the id arrays here)."""
     a = np.sort(a, axis=None)
     return a[np.concatenate(([True], a[1:] != a[:-1]))] if len(a) else a
+
+
+def _reshape_blocks(a: list[int], b: list[int]) -> list[tuple[list[int], list[int]]]:
+    """The finest pairing of dims of shape ``a`` with dims of shape ``b`` (same numel) whose
+    products agree, as a row-major reshape from ``a`` to ``b`` groups them; size-1 dims are
+    left out."""
+    ia = [d for d, n in enumerate(a) if n > 1]
+    ib = [e for e, n in enumerate(b) if n > 1]
+    blocks = []
+    i = j = 0
+    while i < len(ia) and j < len(ib):
+        ins, outs = [ia[i]], [ib[j]]
+        pa, pb = a[ia[i]], b[ib[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                ins.append(ia[i])
+                pa *= a[ia[i]]
+                i += 1
+            else:
+                outs.append(ib[j])
+                pb *= b[ib[j]]
+                j += 1
+        blocks.append((ins, outs))
+    return blocks
+
+
+def _factor_index(flat: np.ndarray, sizes: list[int], k: int) -> np.ndarray:
+    """Index along factor ``k`` of positions ``flat`` in a row-major block of ``sizes``."""
+    inner = int(np.prod(sizes[k + 1 :], dtype=np.int64))
+    return (flat // inner) % sizes[k]
 
 
 def _call(node: fx.Node, first: Any) -> Any:
@@ -389,7 +430,67 @@ class ChannelGraph:
             self.link(self.key(src, d), self.key(node, d))
 
     def _move(self, node: fx.Node, fn: Callable[[torch.Tensor], Any] | None = None) -> None:
-        """Pure data movement: compute the index mapping by running the op on coordinates."""
+        """Pure data movement: permutations and reshapes are mapped from the shapes alone,
+        anything else by running the op on coordinates."""
+        if fn is None and self._move_by_shape(node):
+            return
+        self._move_by_coordinates(node, fn)
+
+    def _move_by_shape(self, node: fx.Node) -> bool:
+        """Link a permutation or a row-major reshape (view, reshape, flatten, unflatten,
+        squeeze, unsqueeze) as :meth:`_move_by_coordinates` would, from shapes alone (the
+        coordinate run moves every element, millions in window attention); False when
+        ``node`` is neither."""
+        src, t = node.args[0], node.target
+        vin, vout = _val(src), _val(node)
+        if not isinstance(vin, torch.Tensor) or not isinstance(vout, torch.Tensor):
+            return False
+        if vin.numel() != vout.numel() or vin.dtype != vout.dtype or vin.dim() * vout.dim() == 0:
+            return False
+        if t in _PERMUTES:
+            # on a contiguous input the output's strides name the input dim of each output dim
+            probe = _call(node, torch.empty(vin.shape, dtype=vin.dtype, device="meta"))
+            stride_of = {
+                int(torch.empty(vin.shape, device="meta").stride(d)): d
+                for d in range(vin.dim())
+                if vin.shape[d] > 1
+            }
+            for e in range(vout.dim()):
+                if vout.shape[e] > 1:
+                    self.link(self.key(src, stride_of[probe.stride(e)]), self.key(node, e))
+            return True
+        if t not in _RESHAPES:
+            return False
+        for ins, outs in _reshape_blocks(list(vin.shape), list(vout.shape)):
+            if len(ins) > 1 and len(outs) > 1:
+                for d in ins:
+                    self.freeze(self.key(src, d), node, "a reshape regroups this dimension")
+                for e in outs:
+                    self.freeze(self.key(node, e), node, "a reshape regroups this dimension")
+                continue
+            # one side is a single dim: link it with the largest dim of the other side, so
+            # removals stay product sets of the factors and the reshape remains valid
+            d = max(ins, key=lambda i: (vin.shape[i], -i))
+            e = max(outs, key=lambda i: (vout.shape[i], -i))
+            if len(ins) == 1:  # input index i sits at this index along e
+                ia = np.arange(vin.shape[d])
+                ib = _factor_index(ia, [vout.shape[k] for k in outs], outs.index(e))
+            else:  # output index j came from this index along d
+                ib = np.arange(vout.shape[e])
+                ia = _factor_index(ib, [vin.shape[k] for k in ins], ins.index(d))
+            self.link(self.key(src, d), self.key(node, e), ia, ib)
+            for k in ins:  # the other factors are regrouped
+                if k != d:
+                    self.freeze(self.key(src, k), node, "a reshape regroups this dimension")
+            for k in outs:
+                if k != e:
+                    self.freeze(self.key(node, k), node, "a reshape regroups this dimension")
+        return True
+
+    def _move_by_coordinates(
+        self, node: fx.Node, fn: Callable[[torch.Tensor], Any] | None = None
+    ) -> None:
+        """Compute the index mapping by running the op on coordinate tensors."""
         src = node.args[0]
         if fn is None:
             fn = lambda c: _call(node, c)  # noqa: E731
