@@ -154,6 +154,7 @@ def _shallow_module(m: nn.Module, done: dict[int, nn.Module]) -> nn.Module:
         new.__dict__.update(m.__dict__)
         new._parameters = dict(m._parameters)
         new._buffers = dict(m._buffers)
+        new._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
         new._modules = {
             k: None if v is None else _shallow_module(v, done) for k, v in m._modules.items()
         }
@@ -162,20 +163,22 @@ def _shallow_module(m: nn.Module, done: dict[int, nn.Module]) -> nn.Module:
 
 
 def _shallow_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` with a new graph and new modules sharing ``gm``'s tensors."""
-    holder = nn.Module()
-    holder.__dict__.update(
-        {k: v for k, v in gm.__dict__.items() if k not in holder.__dict__ and k != "_graph"}
-    )
+    """A copy of ``gm`` with a new graph and new modules sharing ``gm``'s tensors. (Built
+    empty and then filled: ``GraphModule(root, graph)`` would re-register every target the
+    graph names, one ``setattr`` each.)"""
+    new = fx.GraphModule(nn.Module(), fx.Graph(), type(gm).__name__)
+    own = set(new.__dict__)
+    new.__dict__.update({k: v for k, v in gm.__dict__.items() if k not in own})
     done: dict[int, nn.Module] = {}
-    holder._parameters = dict(gm._parameters)
-    holder._buffers = dict(gm._buffers)
-    holder._modules = {
+    new._parameters = dict(gm._parameters)
+    new._buffers = dict(gm._buffers)
+    new._non_persistent_buffers_set = set(gm._non_persistent_buffers_set)
+    new._modules = {
         k: None if v is None else _shallow_module(v, done) for k, v in gm._modules.items()
     }
-    new = fx.GraphModule(holder, copy.deepcopy(gm.graph), type(gm).__name__)
-    new.train(gm.training)
+    new.training = gm.training
     new.meta = dict(getattr(gm, "meta", {}))
+    new.graph = copy.deepcopy(gm.graph)
     return new
 
 
