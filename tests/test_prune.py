@@ -1002,21 +1002,50 @@ def _move_chains(draw) -> tuple[list[int], list[tuple[str, tuple]]]:
     return start, ops
 
 
+def _both_ways(model: nn.Module, x: torch.Tensor) -> tuple:
+    """The analysis of ``model`` with moves mapped from shapes, and by coordinates only."""
+    from graphopt.passes.prune import deps
+
+    ir = GraphIR.trace(model, (x,))
+    ir.analysis("shapes")
+    by_shape = deps.analyse(ir)
+    original = deps.ChannelGraph._move_by_shape
+    deps.ChannelGraph._move_by_shape = lambda self, node, **kw: False  # type: ignore[method-assign]
+    try:
+        by_coordinates = deps.analyse(ir)
+    finally:
+        deps.ChannelGraph._move_by_shape = original  # type: ignore[method-assign]
+    return _canonical(by_shape), _canonical(by_coordinates)
+
+
 @settings(max_examples=40, deadline=None)
 @given(chain=_move_chains())
 def test_moves_mapped_from_shapes_agree_with_coordinates(chain) -> None:
     """Permutations and reshapes are linked from their shapes alone; running each op on
     coordinate tensors (the general method) groups and freezes every element alike."""
+    start, ops = chain
+    by_shape, by_coordinates = _both_ways(_Moves(start[1], ops), torch.randn(*start))
+    assert by_shape == by_coordinates
+
+
+def test_flatten_modules_mapped_from_shapes_agree_with_coordinates() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 12, 1), nn.Unflatten(1, (3, 4)), nn.Flatten(1, 2), nn.Flatten(2),
+        nn.Unflatten(2, (2, 8)), nn.Flatten(), nn.Linear(12 * 16, 5),
+    )  # fmt: skip
     from graphopt.passes.prune import deps
 
-    start, ops = chain
-    ir = GraphIR.trace(_Moves(start[1], ops), (torch.randn(*start),))
-    ir.analysis("shapes")
-    by_shape = deps.analyse(ir)
+    handled = []
     original = deps.ChannelGraph._move_by_shape
-    deps.ChannelGraph._move_by_shape = lambda self, node: False  # type: ignore[method-assign]
+
+    def spy(self, node, **kw):
+        handled.append((node.op, original(self, node, **kw)))
+        return handled[-1][1]
+
+    deps.ChannelGraph._move_by_shape = spy  # type: ignore[method-assign]
     try:
-        by_coordinates = deps.analyse(ir)
+        by_shape, by_coordinates = _both_ways(model, torch.randn(1, 3, 4, 4))
     finally:
         deps.ChannelGraph._move_by_shape = original  # type: ignore[method-assign]
-    assert _canonical(by_shape) == _canonical(by_coordinates)
+    assert handled.count(("call_module", True)) == 5
+    assert by_shape == by_coordinates

@@ -436,18 +436,21 @@ class ChannelGraph:
             return
         self._move_by_coordinates(node, fn)
 
-    def _move_by_shape(self, node: fx.Node) -> bool:
+    def _move_by_shape(self, node: fx.Node, *, reshape: bool = False) -> bool:
         """Link a permutation or a row-major reshape (view, reshape, flatten, unflatten,
         squeeze, unsqueeze) as :meth:`_move_by_coordinates` would, from shapes alone (the
         coordinate run moves every element, millions in window attention); False when
-        ``node`` is neither."""
+        ``node`` is neither. ``reshape`` says it is a reshape (a module such as nn.Flatten,
+        whose target is its path)."""
         src, t = node.args[0], node.target
+        if node.op == "call_module" and not reshape:
+            return False
         vin, vout = _val(src), _val(node)
         if not isinstance(vin, torch.Tensor) or not isinstance(vout, torch.Tensor):
             return False
         if vin.numel() != vout.numel() or vin.dtype != vout.dtype or vin.dim() * vout.dim() == 0:
             return False
-        if t in _PERMUTES:
+        if not reshape and t in _PERMUTES:
             # on a contiguous input the output's strides name the input dim of each output dim
             probe = _call(node, torch.empty(vin.shape, dtype=vin.dtype, device="meta"))
             stride_of = {
@@ -459,7 +462,7 @@ class ChannelGraph:
                 if vout.shape[e] > 1:
                     self.link(self.key(src, stride_of[probe.stride(e)]), self.key(node, e))
             return True
-        if t not in _RESHAPES:
+        if not reshape and t not in _RESHAPES:
             return False
         for ins, outs in _reshape_blocks(list(vin.shape), list(vout.shape)):
             if len(ins) > 1 and len(outs) > 1:
@@ -1036,7 +1039,8 @@ def _module_softmax(g: ChannelGraph, node: fx.Node, m: nn.Softmax) -> None:
 
 
 def _module_flatten(g: ChannelGraph, node: fx.Node, m: nn.Module) -> None:
-    g._move(node, m)  # nn.Flatten / nn.Unflatten are reshapes
+    if not g._move_by_shape(node, reshape=True):  # nn.Flatten / nn.Unflatten are reshapes
+        g._move(node, m)
 
 
 _MODULE_RULES: list[tuple[Any, Callable[..., None]]] = [
