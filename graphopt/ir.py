@@ -151,15 +151,24 @@ def _shallow_module(m: nn.Module, done: dict[int, nn.Module]) -> nn.Module:
         new = copy.deepcopy(m, memo)
     else:
         new = type(m).__new__(type(m))
+        # straight into __dict__: Module.__setattr__ inspects every value it is given
         new.__dict__.update(m.__dict__)
-        new._parameters = dict(m._parameters)
-        new._buffers = dict(m._buffers)
-        new._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
-        new._modules = {
-            k: None if v is None else _shallow_module(v, done) for k, v in m._modules.items()
-        }
+        new.__dict__.update(_own_tables(m, done))
     done[id(m)] = new
     return new
+
+
+def _own_tables(m: nn.Module, done: dict[int, nn.Module]) -> dict[str, Any]:
+    """New parameter, buffer and submodule tables for a copy of ``m`` (same tensors, copied
+    submodules) and its own set of non-persistent buffer names."""
+    return {
+        "_parameters": dict(m._parameters),
+        "_buffers": dict(m._buffers),
+        "_non_persistent_buffers_set": set(m._non_persistent_buffers_set),
+        "_modules": {
+            k: None if v is None else _shallow_module(v, done) for k, v in m._modules.items()
+        },
+    }
 
 
 def _shallow_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -169,13 +178,7 @@ def _shallow_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     new = fx.GraphModule(nn.Module(), fx.Graph(), type(gm).__name__)
     own = set(new.__dict__)
     new.__dict__.update({k: v for k, v in gm.__dict__.items() if k not in own})
-    done: dict[int, nn.Module] = {}
-    new._parameters = dict(gm._parameters)
-    new._buffers = dict(gm._buffers)
-    new._non_persistent_buffers_set = set(gm._non_persistent_buffers_set)
-    new._modules = {
-        k: None if v is None else _shallow_module(v, done) for k, v in gm._modules.items()
-    }
+    new.__dict__.update(_own_tables(gm, {}))
     new.training = gm.training
     new.meta = dict(getattr(gm, "meta", {}))
     new.graph = copy.deepcopy(gm.graph)
