@@ -729,12 +729,12 @@ class ChannelGraph:
         self.comp = comp
         ncomp = int(comp.max()) + 1 if n else 0
         frozen = np.zeros(ncomp, dtype=bool)
-        for f in self.freezes:
-            frozen[comp[f.elements]] = True
+        if self.freezes:
+            frozen[comp[np.concatenate([f.elements for f in self.freezes])]] = True
         has_producer = np.zeros(ncomp, dtype=bool)
-        for key in self.producers:
-            if key in self.spaces:
-                has_producer[comp[self.ids(key)]] = True
+        made = [self.ids(key) for key in self.producers if key in self.spaces]
+        if made:
+            has_producer[comp[np.concatenate(made)]] = True
         self.frozen = frozen
         self.has_producer = has_producer
         self.prunable = has_producer & ~frozen
