@@ -3,7 +3,9 @@
 ``shapes`` runs the graph once on fake tensors (no real compute, no real memory), storing
 each node's fake value in ``node.meta["val"]`` and counting its multiply-accumulates with
 torch's FLOP counter, so functional calls and attention are counted as well as modules.
-``costs`` turns that into per-node parameters and MACs.
+Norms, activations and linear layers are not run: their outputs and MACs follow from their
+input's shape (:data:`_SHAPE_RULES`). ``costs`` turns that into per-node parameters and
+MACs.
 """
 
 from __future__ import annotations
@@ -108,33 +110,57 @@ def run_counting(gm: fx.GraphModule, node: fx.Node, run: Callable[[], Any]) -> t
     return result, counter.get_total_flops() // 2
 
 
-#: module types (exactly these) whose output has their input's shape and dtype: shape
-#: propagation gives them a fresh fake tensor like the input instead of running them, which
-#: under fake tensors decomposes batch norm into several ops (half of the propagation's time
-#: on a ResNet)
-_SHAPE_KEEPING_MODULES: frozenset[type] = frozenset({
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU,
-    nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.Mish, nn.Dropout,
-    nn.Dropout2d, nn.Identity,
-})  # fmt: skip
-
-
-def _like_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """The output of a shape-keeping module called with ``args``, as an empty tensor like its
-    input; None when the call is not the plain one-tensor form (it is then run instead). A
-    batch norm whose channel count does not match raises as running it would."""
-    if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
-        return None
-    x = args[0]
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if x.dim() < 2 or x.shape[1] != module.num_features:
+def _keep_shape(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """Batch norms, layer norms and activations: an empty tensor like the input, 0 MACs. A
+    norm whose sizes do not match raises as running it would."""
+    is_norm = isinstance(module, nn.modules.batchnorm._NormBase | nn.LayerNorm)
+    if is_norm and not x.is_floating_point():
+        return None  # let the real op say what it thinks of that
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+        x.dim() < 2 or x.shape[1] != module.num_features
+    ):
+        raise RuntimeError(
+            f"running_mean should contain {x.shape[1] if x.dim() > 1 else 0} elements "
+            f"not {module.num_features}"
+        )
+    if isinstance(module, nn.LayerNorm):
+        k = len(module.normalized_shape)
+        if tuple(x.shape[x.dim() - k :]) != tuple(module.normalized_shape):
             raise RuntimeError(
-                f"running_mean should contain {x.shape[1] if x.dim() > 1 else 0} elements "
-                f"not {module.num_features}"
+                f"LayerNorm over {list(module.normalized_shape)} given an input of shape "
+                f"{list(x.shape)}"
             )
-        if not x.is_floating_point():
-            return None
-    return torch.empty_like(x)
+    return torch.empty_like(x), 0
+
+
+def _linear_shape(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    assert isinstance(module, nn.Linear)
+    if x.dim() == 0 or x.dtype != module.weight.dtype:
+        return None  # mixed dtypes: the real op decides
+    if x.shape[-1] != module.in_features:
+        raise RuntimeError(
+            f"mat1 and mat2 shapes cannot be multiplied ({x.shape[-1]} features into a "
+            f"Linear of {module.in_features})"
+        )
+    out = x.new_empty((*x.shape[:-1], module.out_features))
+    return out, _linear_macs(module, out)
+
+
+#: module types (exactly these) whose output shape, dtype and MACs follow from their input's:
+#: shape propagation makes an empty fake tensor instead of running them under fake tensors,
+#: where a batch norm decomposes into several ops (half of the propagation's time on a
+#: ResNet) and each op pays the fake-tensor and FLOP-counter dispatch
+_SHAPE_RULES: dict[type, Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, int] | None]] = {
+    **dict.fromkeys(
+        (
+            nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.ReLU, nn.ReLU6,
+            nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
+            nn.Mish, nn.Dropout, nn.Dropout2d, nn.Identity,
+        ),
+        _keep_shape,
+    ),
+    nn.Linear: _linear_shape,
+}  # fmt: skip
 
 
 class _FakeCostInterpreter(fx.Interpreter):
@@ -146,17 +172,21 @@ class _FakeCostInterpreter(fx.Interpreter):
         self.mode = mode
         self.counter = counter
         self.failure: tuple[fx.Node, Exception] | None = None
+        self.ruled_macs = 0  # MACs of a module given by a shape rule instead of the counter
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         module = self.fetch_attr(target)
-        if type(module) in _SHAPE_KEEPING_MODULES:
-            result = _like_input(module, args, kwargs)
-            if result is not None:
+        rule = _SHAPE_RULES.get(type(module))
+        if rule is not None and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            ruled = rule(module, args[0])
+            if ruled is not None:
+                result, self.ruled_macs = ruled
                 return result
         return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()
+        self.ruled_macs = 0
         try:
             with self.mode:
                 result = super().run_node(n)
@@ -166,7 +196,7 @@ class _FakeCostInterpreter(fx.Interpreter):
             raise
         n.meta["val"] = result
         # FLOP counter reports 2 FLOPs per multiply-accumulate.
-        n.meta[MACS] = (self.counter.get_total_flops() - before) // 2
+        n.meta[MACS] = (self.counter.get_total_flops() - before) // 2 + self.ruled_macs
         return result
 
     def describe_failure(self) -> str:

@@ -293,13 +293,21 @@ def test_provided_analysis_is_used_until_invalidated(block, block_input) -> None
     assert ir.total_macs() > 0
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf"])
+@pytest.mark.parametrize(
+    "name", ["mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "vit_b_32", "swin_t"]
+)
 @pytest.mark.parametrize("training", [False, True])
 def test_shape_keeping_modules_get_the_shapes_a_real_run_gives(name: str, training: bool):
-    """Batch norms and activations are not run under fake tensors (their output is made like
-    their input): every node's shape and dtype still match a real run, in both modes."""
+    """Norms, activations and linears are not run under fake tensors (their output is made
+    from their input's shape): every node's shape and dtype still match a real run, in both
+    modes, and the MACs match torch's FLOP counter on the real run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from graphopt.analyses import FUSED_FLOPS
+
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None).train(training)
+    kwargs = {"image_size": 32} if name.startswith("vit") else {}
+    model = getattr(torchvision.models, name)(weights=None, **kwargs).train(training)
     x = torch.randn(2, 3, 32, 32)
     ir = GraphIR.trace(model, (x,))
     ir.analysis("shapes")
@@ -312,19 +320,26 @@ def test_shape_keeping_modules_get_the_shapes_a_real_run_gives(name: str, traini
                 real[n.name] = out
             return out
 
-    with torch.no_grad():
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=FUSED_FLOPS) as counter:
         Recorder(ir.gm).run(x)
     assert len(real) > 100
+    assert ir.total_macs() == counter.get_total_flops() // 2
     for node in ir.graph.nodes:
         if node.name in real:
             assert ir.shape(node) == tuple(real[node.name].shape), node.name
             assert ir.dtype(node) == real[node.name].dtype, node.name
 
 
-def test_batch_norm_that_does_not_fit_is_named():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(16), nn.ReLU()).eval()
+@pytest.mark.parametrize(
+    ("layer", "kind", "size"),
+    [(nn.BatchNorm2d(16), "BatchNorm2d", "16"), (nn.LayerNorm([8, 6, 5]), "LayerNorm", "[8, 6, 5]"),
+     (nn.Linear(7, 2), "Linear", "7")],
+)  # fmt: skip
+def test_layer_that_does_not_fit_is_named(layer: nn.Module, kind: str, size: str):
+    """A layer given its output by a shape rule still refuses an input it would refuse."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), layer, nn.ReLU()).eval()
     ir = GraphIR.trace(model, (torch.randn(1, 3, 8, 8),))
     with pytest.raises(graphopt.GraphoptError) as info:
         ir.analysis("shapes")
     message = str(info.value)
-    assert "does not fit" in message and "'_1' (BatchNorm2d)" in message and "16" in message
+    assert "does not fit" in message and f"'_1' ({kind})" in message and size in message
