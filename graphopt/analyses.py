@@ -3,9 +3,9 @@
 ``shapes`` runs the graph once on fake tensors (no real compute, no real memory), storing
 each node's fake value in ``node.meta["val"]`` and counting its multiply-accumulates with
 torch's FLOP counter, so functional calls and attention are counted as well as modules.
-Norms, activations and linear layers are not run: their outputs and MACs follow from their
-input's shape (:data:`_SHAPE_RULES`). ``costs`` turns that into per-node parameters and
-MACs.
+Norms, activations, linear layers and convolutions are not run: their outputs and MACs
+follow from their input's shape (:data:`_SHAPE_RULES`). ``costs`` turns that into per-node
+parameters and MACs.
 """
 
 from __future__ import annotations
@@ -146,6 +146,36 @@ def _linear_shape(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int
     return out, _linear_macs(module, out)
 
 
+def _conv_shape(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """A (non-transposed) convolution's output from the input's shape: each spatial size is
+    ``(n + 2·padding − dilation·(kernel − 1) − 1) // stride + 1`` (other padding modes pad
+    the same amount explicitly first)."""
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    spatial = len(module.kernel_size)
+    if x.dtype != module.weight.dtype or x.dim() not in (spatial + 1, spatial + 2):
+        return None  # the real op decides
+    if x.shape[-spatial - 1] != module.in_channels:
+        raise RuntimeError(
+            f"expected input to have {module.in_channels} channels, but got "
+            f"{x.shape[-spatial - 1]} channels instead"
+        )
+    sizes = []
+    for i, n in enumerate(x.shape[-spatial:]):
+        k, s, d = module.kernel_size[i], module.stride[i], module.dilation[i]
+        if module.padding == "same":
+            sizes.append(n)
+            continue
+        p = 0 if module.padding == "valid" else module.padding[i]
+        size = (n + 2 * int(p) - d * (k - 1) - 1) // s + 1
+        if size <= 0:
+            raise RuntimeError(
+                f"calculated output size {size} is too small (input {n}, kernel {k})"
+            )
+        sizes.append(size)
+    out = x.new_empty((*x.shape[: -spatial - 1], module.out_channels, *sizes))
+    return out, _conv_macs(module, out)
+
+
 #: module types (exactly these) whose output shape, dtype and MACs follow from their input's:
 #: shape propagation makes an empty fake tensor instead of running them under fake tensors,
 #: where a batch norm decomposes into several ops (half of the propagation's time on a
@@ -160,6 +190,9 @@ _SHAPE_RULES: dict[type, Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor,
         _keep_shape,
     ),
     nn.Linear: _linear_shape,
+    nn.Conv1d: _conv_shape,
+    nn.Conv2d: _conv_shape,
+    nn.Conv3d: _conv_shape,
 }  # fmt: skip
 
 

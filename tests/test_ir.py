@@ -294,7 +294,8 @@ def test_provided_analysis_is_used_until_invalidated(block, block_input) -> None
 
 
 @pytest.mark.parametrize(
-    "name", ["mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "vit_b_32", "swin_t"]
+    "name",
+    ["mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "vit_b_32", "swin_t", "googlenet"],
 )
 @pytest.mark.parametrize("training", [False, True])
 def test_shape_keeping_modules_get_the_shapes_a_real_run_gives(name: str, training: bool):
@@ -330,10 +331,53 @@ def test_shape_keeping_modules_get_the_shapes_a_real_run_gives(name: str, traini
             assert ir.dtype(node) == real[node.name].dtype, node.name
 
 
+class _Convs(nn.Module):
+    """Convolutions of every shape rule case: asymmetric kernels, strides and padding,
+    dilation, 'same' and 'valid', a reflect padding mode, groups, 1-d and 3-d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, (1, 7), stride=(2, 1), padding=(0, 3))
+        self.b = nn.Conv2d(8, 8, 3, dilation=2, padding="same", groups=4)
+        self.c = nn.Conv2d(8, 6, (3, 2), padding="valid", padding_mode="reflect")
+        self.d = nn.Conv2d(6, 6, 3, padding=1, padding_mode="reflect", groups=6, bias=False)
+        self.e = nn.Conv1d(6, 4, 5, stride=3, padding=2)
+        self.f = nn.Conv3d(1, 2, (2, 3, 1), stride=(1, 2, 2))
+
+    def forward(self, x):
+        y = self.d(self.c(self.b(self.a(x))))
+        z = self.e(y.flatten(2))
+        return self.f(z.unsqueeze(1).unsqueeze(-1)).sum() + z.mean()
+
+
+def test_conv_shape_rule_matches_a_real_run():
+    torch.manual_seed(0)
+    model = _Convs().eval()
+    x = torch.randn(2, 3, 17, 13)
+    ir = GraphIR.trace(model, (x,))
+    ir.analysis("shapes")
+    real: dict[str, tuple[int, ...]] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            real[n.name] = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
+            return out
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        Recorder(ir.gm).run(x)
+    for node in ir.nodes(op="call_module"):
+        assert ir.shape(node) == real[node.name], node.name
+    assert ir.total_macs() == counter.get_total_flops() // 2
+
+
 @pytest.mark.parametrize(
     ("layer", "kind", "size"),
     [(nn.BatchNorm2d(16), "BatchNorm2d", "16"), (nn.LayerNorm([8, 6, 5]), "LayerNorm", "[8, 6, 5]"),
-     (nn.Linear(7, 2), "Linear", "7")],
+     (nn.Linear(7, 2), "Linear", "7"), (nn.Conv2d(4, 2, 1), "Conv2d", "4"),
+     (nn.Conv2d(8, 2, 9), "Conv2d", "too small")],
 )  # fmt: skip
 def test_layer_that_does_not_fit_is_named(layer: nn.Module, kind: str, size: str):
     """A layer given its output by a shape rule still refuses an input it would refuse."""
