@@ -452,12 +452,9 @@ class ChannelGraph:
             return False
         if not reshape and t in _PERMUTES:
             # on a contiguous input the output's strides name the input dim of each output dim
-            probe = _call(node, torch.empty(vin.shape, dtype=vin.dtype, device="meta"))
-            stride_of = {
-                int(torch.empty(vin.shape, device="meta").stride(d)): d
-                for d in range(vin.dim())
-                if vin.shape[d] > 1
-            }
+            base = torch.empty(vin.shape, dtype=vin.dtype, device="meta")
+            probe = _call(node, base)
+            stride_of = {base.stride(d): d for d in range(vin.dim()) if vin.shape[d] > 1}
             for e in range(vout.dim()):
                 if vout.shape[e] > 1:
                     self.link(self.key(src, stride_of[probe.stride(e)]), self.key(node, e))
@@ -465,24 +462,21 @@ class ChannelGraph:
         if not reshape and t not in _RESHAPES:
             return False
         for ins, outs in _reshape_blocks(list(vin.shape), list(vout.shape)):
-            if len(ins) > 1 and len(outs) > 1:
-                for d in ins:
-                    self.freeze(self.key(src, d), node, "a reshape regroups this dimension")
-                for e in outs:
-                    self.freeze(self.key(node, e), node, "a reshape regroups this dimension")
-                continue
-            # one side is a single dim: link it with the largest dim of the other side, so
-            # removals stay product sets of the factors and the reshape remains valid
-            d = max(ins, key=lambda i: (vin.shape[i], -i))
-            e = max(outs, key=lambda i: (vout.shape[i], -i))
-            if len(ins) == 1:  # input index i sits at this index along e
-                ia = np.arange(vin.shape[d])
-                ib = _factor_index(ia, [vout.shape[k] for k in outs], outs.index(e))
-            else:  # output index j came from this index along d
-                ib = np.arange(vout.shape[e])
-                ia = _factor_index(ib, [vin.shape[k] for k in ins], ins.index(d))
-            self.link(self.key(src, d), self.key(node, e), ia, ib)
-            for k in ins:  # the other factors are regrouped
+            # where one side is a single dim, link it with the largest dim of the other side,
+            # so removals stay product sets of the factors and the reshape remains valid;
+            # every other factor (all of them, if both sides have several) is regrouped
+            d = e = None
+            if len(ins) == 1 or len(outs) == 1:
+                d = max(ins, key=lambda i: (vin.shape[i], -i))
+                e = max(outs, key=lambda i: (vout.shape[i], -i))
+                if len(ins) == 1:  # input index i sits at this index along e
+                    ia = np.arange(vin.shape[d])
+                    ib = _factor_index(ia, [vout.shape[k] for k in outs], outs.index(e))
+                else:  # output index j came from this index along d
+                    ib = np.arange(vout.shape[e])
+                    ia = _factor_index(ib, [vin.shape[k] for k in ins], ins.index(d))
+                self.link(self.key(src, d), self.key(node, e), ia, ib)
+            for k in ins:
                 if k != d:
                     self.freeze(self.key(src, k), node, "a reshape regroups this dimension")
             for k in outs:
