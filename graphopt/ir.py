@@ -21,6 +21,7 @@ import copy
 import fnmatch
 import html
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -159,16 +160,17 @@ def _shallow_module(m: nn.Module, done: dict[int, nn.Module]) -> nn.Module:
 
 
 def _own_tables(m: nn.Module, done: dict[int, nn.Module]) -> dict[str, Any]:
-    """New parameter, buffer and submodule tables for a copy of ``m`` (same tensors, copied
-    submodules) and its own set of non-persistent buffer names."""
-    return {
-        "_parameters": dict(m._parameters),
-        "_buffers": dict(m._buffers),
-        "_non_persistent_buffers_set": set(m._non_persistent_buffers_set),
-        "_modules": {
-            k: None if v is None else _shallow_module(v, done) for k, v in m._modules.items()
-        },
+    """Own copies of every table in ``m``'s ``__dict__`` (parameters, buffers, hooks,
+    non-persistent buffer names … with the same values), so that registering or replacing
+    something in a copy leaves ``m`` alone; submodules are copied themselves."""
+    tables: dict[str, Any] = {k: v.copy() for k, v in m.__dict__.items() if type(v) in _TABLE_TYPES}
+    tables["_modules"] = {
+        k: None if v is None else _shallow_module(v, done) for k, v in m._modules.items()
     }
+    return tables
+
+
+_TABLE_TYPES = (dict, OrderedDict, set, list)
 
 
 def _shallow_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -273,12 +273,17 @@ def test_copy_sharing_tensors_is_independent_but_for_the_tensors(block, block_in
     graphopt.ir.store_tensor(twin.gm, "stem.weight", torch.zeros_like(originals["stem.weight"]))
     twin.module(conv).out_channels = -1
     twin.module(conv).weight.requires_grad_(True)
+    twin.module(conv).register_forward_hook(lambda *a: None)
+    twin.module(conv).register_buffer("extra", torch.zeros(1), persistent=False)
     with twin.graph.inserting_after(conv):
         relu = twin.graph.call_function(torch.relu, (conv,))
     conv.replace_all_uses_with(relu, delete_user_cb=lambda user: user is not relu)
     twin.recompile()
     assert ir.gm.get_submodule("stem").weight is originals["stem.weight"]
     assert ir.gm.get_submodule("stem").out_channels != -1
+    stem = ir.gm.get_submodule("stem")
+    assert not stem._forward_hooks and not hasattr(stem, "extra")
+    assert not stem._non_persistent_buffers_set
     assert len(ir.graph.nodes) == len(twin.graph.nodes) - 1
     assert "val" in next(n for n in ir.graph.nodes if n.name == conv.name).meta
     with torch.no_grad():
