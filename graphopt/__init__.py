@@ -15,31 +15,49 @@ from typing import Any
 
 from torch import nn
 
-from .errors import GraphoptError, PassCrash
+from .errors import GraphoptError, PassCrash, PluginError
+from .extensions import Analysis, Criterion, CriterionInput, Exporter, LossFn, LossInputs, Saliency
 from .hookspecs import hookimpl, hookspec
 from .ir import ORIGIN, GraphIR, NodeCost
-from .lowering import Exporter, lower, read_metadata
-from .manager import Deviation, LedgerEntry, PassManager, Result, deviation
-from .pass_api import NoOptions, Pass, PassContext, option
-from .plugins import Registry, get_registry, load_registry
-
-__version__ = "0.1.0"
+from .lowering import lower, read_metadata
+from .manager import LedgerEntry, PassManager, Result
+from .measuring import Deviation, deviation, run_model
+from .pass_api import NamePatterns, NoOptions, Pass, PassContext, option, split_batch
+from .plugins import (
+    PluginInfo,
+    PluginWarning,
+    Registry,
+    get_registry,
+    load_registry,
+    registry_in_effect,
+)
+from .version import __version__
 
 __all__ = [
     "ORIGIN",
+    "Analysis",
+    "Criterion",
+    "CriterionInput",
     "Deviation",
     "Exporter",
     "GraphIR",
     "GraphoptError",
     "LedgerEntry",
+    "LossFn",
+    "LossInputs",
+    "NamePatterns",
     "NoOptions",
     "NodeCost",
     "Pass",
     "PassContext",
     "PassCrash",
     "PassManager",
+    "PluginError",
+    "PluginInfo",
+    "PluginWarning",
     "Registry",
     "Result",
+    "Saliency",
     "__version__",
     "deviation",
     "get_registry",
@@ -51,6 +69,9 @@ __all__ = [
     "optimize",
     "option",
     "read_metadata",
+    "registry_in_effect",
+    "run_model",
+    "split_batch",
     "trace",
 ]
 
@@ -62,10 +83,13 @@ def trace(
     leaf_modules: Iterable[str] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> GraphIR:
-    """Trace a module into a :class:`GraphIR` (see :meth:`GraphIR.trace`)."""
-    return GraphIR.trace(
+    """Trace a module into a :class:`GraphIR` (see :meth:`GraphIR.trace`) that knows the
+    analyses of the registry in effect, plugins' included."""
+    ir = GraphIR.trace(
         model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args
     )
+    ir.analyses = registry_in_effect().analyses
+    return ir
 
 
 def load(
@@ -79,7 +103,8 @@ def load(
     concrete_args: dict[str, Any] | None = None,
 ) -> GraphIR:
     """Load a MODEL argument as the CLI does (``torchvision:resnet18``, ``pkg.mod:factory``,
-    a ``.pt``/``.pt2`` file) and trace it, with seeded random example inputs."""
+    a ``.pt``/``.pt2`` file) and trace it, with seeded random example inputs; the IR knows
+    the analyses of the registry in effect, plugins' included."""
     from .loading import load_model, make_inputs
 
     loaded = load_model(spec, weights=weights, trust_pickle=trust_pickle)
@@ -101,6 +126,7 @@ def load(
         concrete_args=concrete_args,
         source=loaded.source,
     )
+    ir.analyses = registry_in_effect().analyses
     ir.analysis("shapes")
     return ir
 

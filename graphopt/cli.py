@@ -10,12 +10,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from typer.core import TyperGroup
 
-from . import __version__
 from .errors import GraphoptError, PassCrash, first_line
-from .plugins import Registry, get_registry
+from .plugins import PluginWarning, Registry, get_registry
+from .version import __version__
 
 __all__ = ["app", "main"]
 
@@ -59,7 +60,12 @@ class _Group(TyperGroup):
         return [*super().list_commands(ctx), *self._plugin_commands(ctx)]
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
-        return super().get_command(ctx, cmd_name) or self._plugin_commands(ctx).get(cmd_name)
+        found = super().get_command(ctx, cmd_name) or self._plugin_commands(ctx).get(cmd_name)
+        commands = _registry(ctx).commands
+        if found is None and commands.faults:
+            # the command may be one a failed plugin would have added: say so
+            raise GraphoptError(commands.unknown(cmd_name))
+        return found
 
 
 app = typer.Typer(
@@ -82,6 +88,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     plugin: Annotated[
         list[str] | None,
         typer.Option("-p", help="Disable a plugin: -p no:NAME (repeatable)."),
@@ -91,6 +98,8 @@ def _root(
     ] = False,
 ) -> None:
     """graphopt: compress PyTorch models with a verified pipeline of graph passes."""
+    # every command works with the registry -p chose (graphopt.load gives IRs its analyses)
+    ctx.with_resource(_registry(ctx).in_effect())
 
 
 # -- options shared by the commands that load a model ----------------------------------------
@@ -196,6 +205,14 @@ def optimize(
     report_json: Annotated[
         str | None, typer.Option("--report-json", help="Also write the report as JSON here.")
     ] = None,
+    reproducer: Annotated[
+        str | None,
+        typer.Option(
+            "--reproducer",
+            help="If a pass crashes, write its reproducer here, model weights included "
+            "(default: the temporary directory, weights only up to 32 MB).",
+        ),
+    ] = None,
 ) -> None:
     """Run a pass pipeline on MODEL and write the verified result to -o."""
     from .loading import load_data
@@ -210,6 +227,7 @@ def optimize(
         print_after=print_after or [],
         time_passes=time_passes,
         console=_console(stderr=True),
+        repro_dir=_reproducer_dir(reproducer),
     )
     exporter = check_output(output, registry.exporters)
     if report_json:
@@ -242,18 +260,35 @@ def optimize(
     _console().print(ledger_table(result.ledger, title=f"{ir.source} → {output}"))
     for entry in result.ledger[1:]:
         for note in entry.notes:
-            _console().print(f"  [bold]{entry.step}[/]: {note}")
+            _console().print(f"  [bold]{escape(entry.step)}[/]: {escape(note)}")
         if entry.stats:
             stats = ", ".join(f"{k}: {v:g}" for k, v in entry.stats.items())
-            _console().print(f"  [bold]{entry.step}[/]: {stats}")
+            _console().print(f"  [bold]{escape(entry.step)}[/]: {escape(stats)}")
     _console().print(
         f"wrote {output} ({check['format']}); reloaded and checked: relative error "
-        f"{check['rel_err']:.1e} against the in-memory model"
+        f"{check['rel_err']:.1e} against the in-memory model",
+        markup=False,
     )
-    _console().print(f"pipeline: {result.pipeline}")
+    _console().print(f"pipeline: {result.pipeline}", markup=False, highlight=False)
     if report_json:
         report = {**result.metadata(), "output": output, "check": check}
         write_text_atomic(report_json, json.dumps(report, indent=2))
+
+
+def _reproducer_dir(path: str | None) -> str | None:
+    """``--reproducer DIR``: created now, so that a crash finds it writable."""
+    if path is None:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise GraphoptError(
+            f"cannot create the reproducer folder '{path}' ({exc.strerror}); give a writable "
+            "--reproducer DIR"
+        ) from None
+    if not os.access(path, os.W_OK):
+        raise GraphoptError(f"the reproducer folder '{path}' is not writable; give another one")
+    return path
 
 
 def check_output_file(path: str) -> None:
@@ -495,36 +530,83 @@ def passes_markdown(classes: list[Any], registry: Registry) -> str:
 
 
 @app.command()
-def plugins(ctx: typer.Context) -> None:
-    """List loaded plugins, their versions, and what each contributes."""
+def plugins(
+    ctx: typer.Context,
+    format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+) -> None:
+    """List loaded plugins, their versions, what each contributes, and which failed."""
     from rich.table import Table
+    from rich.text import Text
 
+    if format not in ("table", "json"):
+        raise GraphoptError(f"--format must be table or json, not '{format}'")
     registry = _registry(ctx)
     registry.cli_app()
-    table = Table(title="graphopt plugins")
-    for col in ("plugin", "version", "passes", "exporters", "analyses", "commands", "status"):
+    kinds = ("passes", "exporters", "analyses", "commands", "criteria", "losses")
+    if format == "json":
+        rows = [
+            {
+                "plugin": info.name,
+                "distribution": info.distribution,
+                "version": info.version,
+                "builtin": info.builtin,
+                **{kind: getattr(info, kind) for kind in kinds},
+                "status": info.status,
+                "faults": [f.sentence() for f in info.faults],
+            }
+            for info in registry.plugins.values()
+        ]
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(title="graphopt plugins", show_lines=True)
+    headers = ("passes", "exporters", "analyses", "commands", "prune criteria", "distill losses")
+    for col in ("plugin", "version", *headers, "status"):
         table.add_column(col)
     for info in registry.plugins.values():
+        name = info.name + (" (built-in)" if info.builtin else "")
+        if info.distribution and not info.builtin:
+            name += f"\n[dim]{info.distribution}[/]"
         table.add_row(
-            info.name + (" (built-in)" if info.builtin else ""),
+            name,
             info.version,
-            ", ".join(info.passes),
-            ", ".join(info.exporters),
-            ", ".join(info.analyses),
-            ", ".join(info.commands),
-            f"[red]failed: {info.error}[/]" if info.error else "loaded",
+            *(", ".join(getattr(info, kind)) for kind in kinds),
+            Text("failed", style="red") if info.faults else "loaded",
         )
     _console().print(table)
+    for fault in registry.faults:  # why each failed plugin failed, in full
+        _console().print(Text(fault.sentence(), style="red"), soft_wrap=True)
 
 
 # -- entry point -------------------------------------------------------------------------------
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """A plugin's failure in graphopt's voice: one line on stderr, no source location."""
+    if issubclass(category, PluginWarning):
+        _console(stderr=True).print(
+            f"warning: {message}", highlight=False, markup=False, soft_wrap=True
+        )
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: bad input ends in one sentence on stderr and status 2."""
+    """Console-script entry point: bad input ends in one sentence on stderr and status 2; a
+    plugin's failure is one line naming it."""
     if not os.environ.get("GRAPHOPT_DEBUG"):
         warnings.filterwarnings("ignore")
-        warnings.filterwarnings("default", message="graphopt plugin")
+    warnings.filterwarnings("always", category=PluginWarning)
+    warnings.showwarning = _show_warning
     try:
         app(args=argv)
     except (GraphoptError, PassCrash) as exc:

@@ -22,8 +22,7 @@ import fnmatch
 import html
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -33,8 +32,18 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import GraphoptError, first_line
+from .shapes import NodeCost, node_costs, packed_weights, propagate_shapes
 
-__all__ = ["ORIGIN", "GraphIR", "NodeCost", "fetch", "free_name", "store_tensor"]
+__all__ = [
+    "BUILTIN_ANALYSES",
+    "ORIGIN",
+    "Analysis",
+    "GraphIR",
+    "NodeCost",
+    "fetch",
+    "free_name",
+    "store_tensor",
+]
 
 #: node.meta key holding the name of the original node this node stands for
 ORIGIN = "graphopt_origin"
@@ -76,14 +85,6 @@ def store_tensor(root: nn.Module, target: str, value: torch.Tensor) -> torch.Ten
     else:
         setattr(owner, name, value)
     return getattr(owner, name)
-
-
-@dataclass(frozen=True)
-class NodeCost:
-    """Parameters owned by a node (counted at its first use) and multiply-accumulates."""
-
-    params: int
-    macs: int
 
 
 class _Tracer(fx.Tracer):
@@ -136,7 +137,7 @@ def _drop_guarded_placeholders(graph: fx.Graph) -> None:
             continue
         if not any(n.op == "call_function" and n.target is torch._assert for n in reach):
             continue
-        for dead in sorted(reach, key=lambda n: -_position(graph, n)):
+        for dead in sorted(reach, key=lambda n: -GraphIR.position(n)):
             graph.erase_node(dead)
 
 
@@ -187,15 +188,32 @@ def _shallow_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-def _position(graph: fx.Graph, node: fx.Node) -> int:
-    for i, n in enumerate(graph.nodes):
-        if n is node:
-            return i
-    return -1
+#: an analysis: computed from an IR on request, cached on it until a pass invalidates it
+Analysis = Callable[["GraphIR"], Any]
+
+
+def _shapes(ir: GraphIR) -> bool:
+    propagate_shapes(ir.gm, ir.example_inputs)
+    return True
+
+
+def _costs(ir: GraphIR) -> dict[str, NodeCost]:
+    ir.analysis("shapes")
+    return node_costs(ir.gm)
+
+
+#: the analyses every IR knows unless it is given another table: ``shapes`` (each node's
+#: fake value in ``node.meta["val"]`` and its MACs) and ``costs`` (per-node params and MACs)
+BUILTIN_ANALYSES: Mapping[str, Analysis] = {"shapes": _shapes, "costs": _costs}
 
 
 class GraphIR:
-    """A traced model with example inputs, shapes, provenance, costs and history."""
+    """A traced model with example inputs, shapes, provenance, costs and history.
+
+    ``analyses`` is the table of analyses :meth:`analysis` computes from (by default
+    :data:`BUILTIN_ANALYSES`; the pass manager gives the IRs it runs on its registry's
+    table, plugins' analyses included).
+    """
 
     def __init__(
         self,
@@ -204,11 +222,15 @@ class GraphIR:
         *,
         source: str = "",
         history: Sequence[str] = (),
+        analyses: Mapping[str, Analysis] | None = None,
     ) -> None:
         self.gm = gm
         self.example_inputs = tuple(example_inputs)
         self.source = source
         self.history = list(history)
+        self.analyses: Mapping[str, Analysis] = (
+            analyses if analyses is not None else BUILTIN_ANALYSES
+        )
         self._analyses: dict[str, Any] = {}
         for node in gm.graph.nodes:
             node.meta.setdefault(ORIGIN, node.name)
@@ -263,6 +285,7 @@ class GraphIR:
                 self.example_inputs,
                 source=self.source,
                 history=self.history,
+                analyses=self.analyses,
             )
         try:
             gm = copy.deepcopy(self.gm)
@@ -274,13 +297,13 @@ class GraphIR:
                 "leaves behind), which cannot be copied; make it permanent first with "
                 "torch.nn.utils.prune.remove(module, 'weight'), or detach it"
             ) from None
-        new = GraphIR(
+        return GraphIR(
             gm,
             self.example_inputs,
             source=self.source,
             history=self.history,
+            analyses=self.analyses,
         )
-        return new
 
     # -- graph access -----------------------------------------------------------------------
 
@@ -334,6 +357,16 @@ class GraphIR:
             found.append(node)
         return found
 
+    @staticmethod
+    def position(node: fx.Node) -> int:
+        """Where ``node`` stands in its graph's order (0 for the first node); sorting by it
+        puts nodes in execution order, and erasing in reverse of it never erases a node
+        that still has users among the others."""
+        for i, n in enumerate(node.graph.nodes):
+            if n is node:
+                return i
+        raise ValueError(f"node {node.name} is not in its graph")
+
     def replace(self, old: fx.Node, new: fx.Node) -> None:
         """Route every use of ``old`` to ``new``, hand ``new`` its provenance, erase ``old``."""
         if new.meta.get(ORIGIN) in (None, new.name):
@@ -374,16 +407,18 @@ class GraphIR:
     # -- analyses -----------------------------------------------------------------------------
 
     def analysis(self, name: str) -> Any:
-        """The named analysis, computed on first request and cached until invalidated."""
+        """The named analysis from :attr:`analyses`, computed on first request and cached
+        until invalidated."""
         if name not in self._analyses:
-            from .plugins import get_registry
-
-            analyses = get_registry().analyses
-            if name not in analyses:
+            try:
+                compute = self.analyses[name]
+            except KeyError as exc:
+                if isinstance(exc, GraphoptError):  # the table explained it (a registry's)
+                    raise
                 raise GraphoptError(
-                    f"unknown analysis '{name}'; known analyses: {', '.join(sorted(analyses))}"
-                )
-            self._analyses[name] = analyses[name](self)
+                    f"unknown analysis '{name}'; known analyses: {', '.join(sorted(self.analyses))}"
+                ) from None
+            self._analyses[name] = compute(self)
         return self._analyses[name]
 
     def provide(self, name: str, value: Any) -> None:
@@ -418,8 +453,6 @@ class GraphIR:
 
     def total_params(self) -> int:
         """Parameters, plus the weights packed for quantized kernels (int8 models)."""
-        from .analyses import packed_weights
-
         packed = sum(
             t.numel()
             for m in self.gm.modules()

@@ -4,9 +4,11 @@ The output format follows the path: ``.pt2`` (torch.export archive), ``.pt`` (pi
 GraphModule), ``.onnx`` (ONNX, checked with ``onnx.checker`` and run with onnxruntime), or a
 directory (readable generated Python and a weights file, loadable without graphopt). Every
 format is an :class:`Exporter` contributed through ``graphopt_register_exporters``, so a
-plugin can add one. Each write goes to a temporary path beside the target; the artifact is
-reloaded from there and its outputs compared with the in-memory model; only then is it
-renamed into place. On any failure nothing is left at the target.
+plugin can add one. Each write goes to a temporary path beside the target, in a folder of
+its own; the artifact is reloaded from there and its outputs compared with the in-memory
+model; only then is it renamed into place. On any failure nothing is left at the target. An
+exporter that writes anything beside the one path it was given is refused: that file would
+otherwise be lost silently.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ import sys
 import tempfile
 import textwrap
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -29,17 +30,22 @@ import torch.fx as fx
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
-from .errors import GraphoptError, first_line
+from .contributions import Contributions, PluginRef, plugin_failure
+from .errors import GraphoptError, PluginError, first_line
+from .extensions import Exporter
 from .hookspecs import hookimpl
-from .manager import deviation, run_model
+from .measuring import deviation, run_model
 
 __all__ = [
     "ARTIFACT_TOLERANCE",
     "Exporter",
     "check_output",
+    "load_folder",
     "lower",
     "pick_exporter",
+    "program_runner",
     "read_metadata",
+    "write_onnx",
 ]
 
 METADATA_NAME = "graphopt.json"
@@ -47,26 +53,6 @@ METADATA_NAME = "graphopt.json"
 #: largest relative error it accepts between the artifact and the in-memory model (e.g. an
 #: int8 model that another runtime's int8 kernels round differently)
 ARTIFACT_TOLERANCE = "graphopt.artifact_tolerance"
-
-
-@dataclass(frozen=True)
-class Exporter:
-    """An output format.
-
-    ``write(gm, example_inputs, path, metadata)`` writes the artifact at ``path`` (a file,
-    or for a directory format a folder that does not exist yet); ``load(path)`` returns a
-    callable that runs it on the example inputs, for verification. ``tolerance`` is the
-    relative output error allowed between the artifact and the in-memory model.
-    """
-
-    name: str
-    suffixes: tuple[str, ...]
-    write: Callable[[fx.GraphModule, tuple[Any, ...], str, dict[str, Any]], None]
-    load: Callable[[str], Callable[..., Any]]
-    read_metadata: Callable[[str], dict[str, Any] | None]
-    directory: bool = False
-    tolerance: float = 1e-5
-    summary: str = ""
 
 
 def _strip(gm: fx.GraphModule) -> fx.GraphModule:
@@ -255,7 +241,9 @@ class OptimisedModel(torch.nn.Module):
         json.dump(meta, f, indent=2)
 
 
-def _load_folder(path: str) -> Callable[..., Any]:
+def load_folder(path: str) -> Callable[..., Any]:
+    """Import a folder artifact's generated code and build its model (what a user of the
+    folder does, without leaving the module in ``sys.modules``)."""
     name = f"_graphopt_artifact_{uuid.uuid4().hex}"
     spec = importlib.util.spec_from_file_location(
         name, os.path.join(path, "__init__.py"), submodule_search_locations=[path]
@@ -282,7 +270,9 @@ def _meta_folder(path: str) -> dict[str, Any] | None:
 # -- .onnx -------------------------------------------------------------------------------------
 
 
-def _write_onnx(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: dict) -> None:
+def write_onnx(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: dict) -> None:
+    """Export ``gm`` to ONNX at ``path`` with ``meta`` stored in its metadata, checked with
+    ``onnx.checker``."""
     import onnx
 
     try:
@@ -329,7 +319,7 @@ BUILTIN_EXPORTERS = (
     Exporter(
         "onnx",
         (".onnx",),
-        _write_onnx,
+        write_onnx,
         _load_onnx,
         _meta_onnx,
         tolerance=1e-3,
@@ -339,7 +329,7 @@ BUILTIN_EXPORTERS = (
         "folder",
         (),
         _write_folder,
-        _load_folder,
+        load_folder,
         _meta_folder,
         directory=True,
         summary="generated Python + weights.pt, loadable without graphopt",
@@ -356,23 +346,27 @@ def graphopt_register_exporters(register: Any) -> None:
 # -- choosing, writing, verifying ---------------------------------------------------------------
 
 
-def pick_exporter(out: str, exporters: dict[str, Exporter]) -> Exporter:
-    """The exporter for an output path: by suffix, or the directory format for a folder."""
-    suffix = os.path.splitext(out.rstrip("/"))[1].lower()
-    if out.endswith(("/", os.sep)) or os.path.isdir(out) or not suffix:
-        folders = [e for e in exporters.values() if e.directory]
-        if folders:
-            return folders[0]
-    for exporter in exporters.values():
-        if suffix in exporter.suffixes:
-            return exporter
+def pick_exporter(out: str, exporters: Mapping[str, Exporter]) -> Exporter:
+    """The exporter for an output path: a path ending in a slash is a folder; otherwise a
+    file suffix names its format (even where a directory of that name exists, which
+    :func:`check_output` then refuses); a path without a suffix, or an existing directory
+    whose suffix names no format, is a folder."""
+    suffix = os.path.splitext(out.rstrip("/" + os.sep))[1].lower()
+    by_suffix = next((e for e in exporters.values() if suffix and suffix in e.suffixes), None)
+    folders = [e for e in exporters.values() if e.directory]
+    slash = out.endswith(("/", os.sep))
+    if folders and (slash or not suffix or (by_suffix is None and os.path.isdir(out))):
+        return folders[0]
+    if by_suffix is not None and not slash:
+        return by_suffix
     known = ", ".join(s for e in exporters.values() for s in e.suffixes)
+    note = exporters.fault_note() if isinstance(exporters, Contributions) else ""
     raise GraphoptError(
-        f"no output format for '{out}'; name a file ending in {known}, or a directory"
+        f"no output format for '{out}'; name a file ending in {known}, or a directory{note}"
     )
 
 
-def check_output(out: str, exporters: dict[str, Exporter]) -> Exporter:
+def check_output(out: str, exporters: Mapping[str, Exporter]) -> Exporter:
     """Fail early, before any work, if ``out`` cannot be written."""
     exporter = pick_exporter(out, exporters)
     target = os.path.abspath(out.rstrip("/") or out)
@@ -383,7 +377,11 @@ def check_output(out: str, exporters: dict[str, Exporter]) -> Exporter:
             "or empty directory"
         )
     if os.path.isdir(target) and not exporter.directory:
-        raise GraphoptError(f"output '{out}' is a directory; give a file path")
+        raise GraphoptError(
+            f"output '{out}' is an existing directory, but its suffix names the "
+            f"{exporter.name} format, a file; give another file name, or end the path with "
+            f"'/' to write the folder format into that directory"
+        )
     parent = os.path.dirname(target)
     existing = parent
     while not os.path.exists(existing):
@@ -411,11 +409,12 @@ def lower(
     example_inputs: tuple[Any, ...],
     out: str | os.PathLike[str],
     metadata: dict[str, Any],
-    exporters: dict[str, Exporter],
+    exporters: Mapping[str, Exporter],
 ) -> dict[str, Any]:
     """Write ``gm`` to ``out`` atomically and verify the artifact; return the check figures.
 
-    ``out`` names a directory when it ends with a slash, is one already, or has no suffix."""
+    ``out`` names a directory when it ends with a slash or has no suffix (see
+    :func:`pick_exporter`)."""
     out = os.fspath(out)
     exporter = check_output(out, exporters)
     target = os.path.abspath(out.rstrip("/") or out)
@@ -433,25 +432,61 @@ def lower(
                 f"writing the {exporter.name} artifact failed ({type(exc).__name__}: "
                 f"{first_line(exc)}); choose another output format"
             ) from None
-        check = verify(exporter, tmp, gm, example_inputs)
+        owner = _plugin_of(exporter, exporters)
+        _check_one_artifact(exporter, owner, tmp_root, os.path.basename(target))
+        check = verify(exporter, tmp, gm, example_inputs, owner=owner)
         _replace(tmp, target, exporter.directory)
         return check
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
 
 
-def verify(
-    exporter: Exporter, path: str, gm: fx.GraphModule, example_inputs: tuple[Any, ...]
-) -> dict[str, Any]:
-    """Reload an artifact and compare its outputs with the in-memory model."""
-    try:
-        loaded = exporter.load(path)
-        got = (
-            run_model(loaded, example_inputs)
-            if isinstance(loaded, torch.nn.Module)
-            else loaded(*example_inputs)
+def _plugin_of(exporter: Exporter, exporters: Mapping[str, Exporter]) -> PluginRef | None:
+    """The third-party plugin that contributed ``exporter`` (None for graphopt's own)."""
+    owner = exporters.owner(exporter.name) if isinstance(exporters, Contributions) else None
+    return owner if owner is not None and not owner.builtin else None
+
+
+def _check_one_artifact(
+    exporter: Exporter, owner: PluginRef | None, folder: str, name: str
+) -> None:
+    """Refuse an exporter that wrote nothing at the path it was given, or something
+    beside it: only that path is moved to ``-o``, so the rest would be lost."""
+    found = sorted(os.listdir(folder))
+    if found == [name]:
+        return
+    who = f"the {exporter.name} output format" + (f" of plugin '{owner.name}'" if owner else "")
+    advice = f"; {owner.advice()}" if owner else ""
+    if name not in found:
+        raise GraphoptError(
+            f"{who} wrote nothing at the path it was given, so there is nothing to move to "
+            f"the output{advice}"
         )
+    kind = "folder" if exporter.directory else "file"
+    raise GraphoptError(
+        f"{who} wrote {', '.join(f for f in found if f != name)} beside the one {kind} it "
+        f"was given; only that {kind} is moved to the output, so nothing was written{advice}"
+    )
+
+
+def verify(
+    exporter: Exporter,
+    path: str,
+    gm: fx.GraphModule,
+    example_inputs: tuple[Any, ...],
+    *,
+    owner: PluginRef | None = None,
+) -> dict[str, Any]:
+    """Reload an artifact and compare its outputs with the in-memory model; ``owner`` is
+    the third-party plugin behind ``exporter``, blamed when its artifact fails to run."""
+    try:
+        got = run_model(exporter.load(path), example_inputs)
+    except GraphoptError:
+        raise
     except Exception as exc:
+        if owner is not None:
+            what = f"running the written artifact of output format '{exporter.name}'"
+            raise PluginError(owner.name, plugin_failure(owner, what, exc)) from exc
         raise GraphoptError(
             f"the written {exporter.name} artifact cannot be loaded back and run "
             f"({type(exc).__name__}: {first_line(exc)}); nothing was written"
@@ -479,6 +514,6 @@ def _replace(tmp: str, target: str, directory: bool) -> None:
         os.replace(tmp, target)
 
 
-def read_metadata(path: str, exporters: dict[str, Exporter]) -> dict[str, Any] | None:
+def read_metadata(path: str, exporters: Mapping[str, Exporter]) -> dict[str, Any] | None:
     """The graphopt metadata (pipeline, ledger, versions) stored in an artifact, if any."""
     return pick_exporter(path, exporters).read_metadata(path)

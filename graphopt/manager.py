@@ -20,35 +20,40 @@ import datetime
 import json
 import os
 import platform
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils import _pytree as pytree
 
 from .errors import GraphoptError, PassCrash, first_line
 from .ir import GraphIR
+from .measuring import Deviation, deviation, run_model, weights_bytes
 from .pass_api import Pass, PassContext
-from .pipeline import format_pipeline, format_step, parse, resolve
+from .pipeline import check_order, format_pipeline, format_step, parse, resolve
 from .plugins import Registry, get_registry
+from .version import __version__
 
-__all__ = ["Deviation", "LedgerEntry", "PassManager", "Result", "deviation", "run_model"]
+__all__ = [
+    "REPRODUCER_LIMIT",
+    "Deviation",
+    "LedgerEntry",
+    "PassManager",
+    "Result",
+    "deviation",
+    "human_bytes",
+    "ledger_from_metadata",
+    "run_model",
+]
 
 #: relative error above which an exact pass is reported as having changed the model
 EXACT_TOLERANCE = 1e-4
-
-
-@dataclass
-class Deviation:
-    """How far one model's outputs are from another's on the same inputs."""
-
-    max_abs_err: float
-    rel_err: float
-    top1: float | None
+#: largest model weights a crash reproducer keeps when no folder was asked for (bytes)
+REPRODUCER_LIMIT = 32_000_000
 
 
 @dataclass
@@ -68,9 +73,20 @@ class LedgerEntry:
     stats: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """The row as plain data, as the artifact's metadata stores it."""
         data = asdict(self)
         data["options"] = {k: _jsonable(v) for k, v in self.options.items()}
         return data
+
+
+def ledger_from_metadata(metadata: dict[str, Any]) -> list[LedgerEntry]:
+    """The compression ledger stored in an artifact's metadata, as :class:`LedgerEntry` rows
+    (keys a newer graphopt may have added are ignored)."""
+    known = {f.name for f in fields(LedgerEntry)}
+    return [
+        LedgerEntry(**{k: v for k, v in row.items() if k in known})
+        for row in metadata.get("ledger") or []
+    ]
 
 
 @dataclass
@@ -83,8 +99,6 @@ class Result:
 
     def metadata(self) -> dict[str, Any]:
         """What lowering stores beside the artifact: pipeline, ledger, versions."""
-        from . import __version__
-
         return {
             "graphopt": __version__,
             "torch": torch.__version__,
@@ -102,57 +116,15 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def run_model(gm: torch.nn.Module, inputs: tuple[Any, ...]) -> Any:
-    """Run a model for checking: eval mode, no grad; the training flag is restored after."""
-    modes = [(m, m.training) for m in gm.modules()]
-    for m, _ in modes:  # not gm.eval(): exported programs refuse it, the flag is what matters
-        m.training = False
-    try:
-        with torch.no_grad():
-            return gm(*inputs)
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-def _float_leaves(out: Any) -> list[torch.Tensor]:
-    leaves = pytree.tree_leaves(out)
-    return [t.detach().float() for t in leaves if isinstance(t, torch.Tensor)]
-
-
-def deviation(out: Any, ref: Any) -> Deviation:
-    """Max abs error, relative error (‖out−ref‖/‖ref‖) and top-1 agreement of two outputs.
-
-    Top-1 agreement is reported when the first output is a batch of logits (N×C, C>1).
-    """
-    a, b = _float_leaves(out), _float_leaves(ref)
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
-        shapes = [tuple(x.shape) for x in a], [tuple(y.shape) for y in b]
-        raise GraphoptError(
-            f"the optimised model's outputs {shapes[0]} no longer match the original's "
-            f"{shapes[1]}; the pipeline changed the output shape"
-        )
-    if not a:
-        return Deviation(0.0, 0.0, None)
-    max_abs = max(
-        float((x - y).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b, strict=True)
-    )
-    num = sum(float((x - y).pow(2).sum()) for x, y in zip(a, b, strict=True)) ** 0.5
-    den = sum(float(y.pow(2).sum()) for y in b) ** 0.5
-    rel = num / den if den > 0 else (0.0 if num == 0 else float("inf"))
-    top1 = None
-    if a[0].dim() == 2 and a[0].shape[1] > 1:
-        top1 = float((a[0].argmax(1) == b[0].argmax(1)).float().mean())
-    return Deviation(max_abs, rel, top1)
-
-
 class PassManager:
     """Parses, validates and runs a pipeline; see the module docstring.
 
     ``print_after`` names passes (or ``"all"``) after which the graph's code is printed;
-    ``time_passes`` prints a timing table at the end; ``repro_dir`` is where a crash
-    reproducer bundle goes (default: the current directory; ``reproducer=False`` skips it
-    and the per-pass copy it needs).
+    ``time_passes`` prints a timing table at the end. When a pass crashes a reproducer
+    bundle is written to ``repro_dir``, with the model weights whatever their size; without
+    ``repro_dir`` it goes to the temporary directory and keeps the weights only up to
+    ``reproducer_limit`` bytes. ``reproducer=False`` skips it and the per-pass copy it
+    needs.
     """
 
     def __init__(
@@ -165,13 +137,12 @@ class PassManager:
         repro_dir: str | None = None,
         console: Any = None,
         reproducer: bool = True,
+        reproducer_limit: int = REPRODUCER_LIMIT,
     ) -> None:
         self.registry = registry or get_registry()
         if isinstance(pipeline, str):
             self.passes = resolve(parse(pipeline), self.registry)
         else:
-            from .pipeline import check_order
-
             check_order(pipeline)
             self.passes = list(pipeline)
         self.print_after = set(print_after)
@@ -179,9 +150,11 @@ class PassManager:
         self.repro_dir = repro_dir
         self.console = console
         self.reproducer = reproducer
+        self.reproducer_limit = reproducer_limit
 
     @property
     def pipeline(self) -> str:
+        """The pipeline as canonical text."""
         return format_pipeline(self.passes)
 
     def run(
@@ -192,9 +165,21 @@ class PassManager:
         probe_inputs: tuple[Any, ...] | None = None,
         on_step: Callable[[LedgerEntry], None] | None = None,
     ) -> Result:
-        """Run the pipeline on a copy of ``ir``; ``ir`` and its model are left untouched."""
+        """Run the pipeline on a copy of ``ir``; ``ir`` and its model are left untouched.
+        While it runs, :func:`graphopt.registry_in_effect` is this manager's registry."""
+        with self.registry.in_effect():
+            return self._run(ir, data, probe_inputs, on_step)
+
+    def _run(
+        self,
+        ir: GraphIR,
+        data: Any,
+        probe_inputs: tuple[Any, ...] | None,
+        on_step: Callable[[LedgerEntry], None] | None,
+    ) -> Result:
         reference = ir.copy()
         work = ir.copy()
+        work.analyses = self.registry.analyses
         probe = probe_inputs if probe_inputs is not None else ir.example_inputs
         ref_out = run_model(reference.gm, probe)
         ledger = [
@@ -214,7 +199,11 @@ class PassManager:
         prev_out = ref_out  # an exact pass is judged against the step before it
         for p in self.passes:
             ctx = PassContext(
-                probe_inputs=probe, reference=reference.gm, data=data, console=self.console
+                probe_inputs=probe,
+                reference=reference.gm,
+                data=data,
+                console=self.console,
+                registry=self.registry,
             )
             before = work.copy() if self.reproducer else None
             start = time.perf_counter()
@@ -224,8 +213,8 @@ class PassManager:
             except GraphoptError:
                 raise
             except Exception as exc:
-                bundle = self._write_reproducer(ir, before, p, exc)
-                raise PassCrash(p.name, exc, bundle) from exc
+                where = self._write_reproducer(ir, before, p, exc)
+                raise self._crash(p, exc, where) from exc
             seconds = time.perf_counter() - start
             work.invalidate(keep=p.keeps)
             work.history.append(format_step(p))
@@ -238,6 +227,19 @@ class PassManager:
         if self.time_passes:
             self._print_times(ledger)
         return Result(work, self.pipeline, ledger)
+
+    def _crash(self, p: Pass, exc: BaseException, bundle: tuple[str, str] | None) -> PassCrash:
+        """The crash of ``p``, saying where its reproducer went and, for a plugin's pass,
+        whose fault it is likely to be."""
+        owner = self.registry.passes.owner(p.name)
+        third_party = (
+            owner is not None and not owner.builtin and self.registry.passes.get(p.name) is type(p)
+        )
+        blame = f" of plugin '{owner.name}'" if owner is not None and third_party else ""
+        where = f"; {bundle[1]}" if bundle else ""
+        if owner is not None and third_party:
+            where += f"; {owner.advice()}"
+        return PassCrash(p.name, exc, bundle[0] if bundle else None, where=where, blame=blame)
 
     def _measure(
         self,
@@ -254,7 +256,7 @@ class PassManager:
             out = run_model(work.gm, probe)
         except Exception as exc:
             failure = RuntimeError(f"the rewritten model fails to run: {first_line(exc)}")
-            raise PassCrash(p.name, failure, None) from exc
+            raise self._crash(p, failure, None) from exc
         dev = deviation(out, ref_out)
         notes = list(ctx.notes)
         step_err = dev.rel_err if prev_out is ref_out else deviation(out, prev_out).rel_err
@@ -302,41 +304,83 @@ class PassManager:
 
     def _write_reproducer(
         self, original: GraphIR, before: GraphIR | None, p: Pass, exc: BaseException
-    ) -> str | None:
-        """Save what reproduces a crash: input model, model before the pass, inputs, pipeline."""
+    ) -> tuple[str, str] | None:
+        """Save what reproduces a crash: the pipeline, the inputs, versions, the traceback,
+        and the input model and the model before the pass (with their weights when a
+        folder was given or they are within ``reproducer_limit``; as code otherwise).
+        Returns the bundle's path and the phrase saying where it is and how large."""
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        root = os.path.join(self.repro_dir or os.getcwd(), f"graphopt-repro-{p.name}-{stamp}")
+        asked = self.repro_dir is not None
+        parent = self.repro_dir if asked else tempfile.gettempdir()
+        assert parent is not None
+        models = {"input_model": original.gm}
+        if before is not None:
+            models["before_pass"] = before.gm
+        weights = sum(weights_bytes(gm) for gm in models.values())
+        keep = asked or weights <= self.reproducer_limit
         try:
-            os.makedirs(root, exist_ok=True)
-            torch.save(_detached(original.gm), os.path.join(root, "input_model.pt"))
-            if before is not None:
-                torch.save(_detached(before.gm), os.path.join(root, "before_pass.pt"))
+            root = tempfile.mkdtemp(prefix=f"graphopt-repro-{p.name}-{stamp}-", dir=parent)
+            for name, gm in models.items():
+                if keep:
+                    torch.save(_detached(gm), os.path.join(root, f"{name}.pt"))
+                else:
+                    _write_text(root, f"{name}.py", gm.code)
             torch.save(original.example_inputs, os.path.join(root, "inputs.pt"))
-            shapes = [
-                ",".join(map(str, t.shape))
-                for t in original.example_inputs
-                if isinstance(t, torch.Tensor)
-            ]
-            with open(os.path.join(root, "pipeline.txt"), "w") as f:
-                f.write(self.pipeline + "\n")
-            with open(os.path.join(root, "versions.json"), "w") as f:
-                json.dump(_versions(), f, indent=2)
-            with open(os.path.join(root, "traceback.txt"), "w") as f:
-                f.write("".join(traceback.format_exception(exc)))
-            shape_args = " ".join(f"--input-shape {s}" for s in shapes)
-            with open(os.path.join(root, "README.txt"), "w") as f:
-                f.write(
-                    f"Pass '{p.name}' crashed: {first_line(exc)}\n\n"
-                    "Reproduce the crash with the failing pass alone:\n"
-                    f"  graphopt optimize before_pass.pt --trust-pickle {shape_args} "
-                    f"--passes '{format_step(p)}' -o out.pt\n"
-                    "or the whole pipeline from the input model:\n"
-                    f"  graphopt optimize input_model.pt --trust-pickle {shape_args} "
-                    f"--passes '{self.pipeline}' -o out.pt\n"
-                )
+            _write_text(root, "pipeline.txt", self.pipeline + "\n")
+            _write_text(root, "versions.json", json.dumps(_versions(), indent=2))
+            _write_text(root, "traceback.txt", "".join(traceback.format_exception(exc)))
+            _write_text(root, "README.txt", self._readme(original, p, exc, keep, weights))
         except Exception:
             return None
-        return root
+        size = human_bytes(sum(os.path.getsize(os.path.join(root, f)) for f in os.listdir(root)))
+        left_out = (
+            ""
+            if keep
+            else f", without the model weights ({human_bytes(weights)} > "
+            f"{human_bytes(self.reproducer_limit)}: keep them with --reproducer DIR)"
+        )
+        return root, f"a reproducer ({size}{left_out}) was written to {root}"
+
+    def _readme(
+        self, original: GraphIR, p: Pass, exc: BaseException, kept: bool, weights: int
+    ) -> str:
+        shapes = [
+            ",".join(map(str, t.shape))
+            for t in original.example_inputs
+            if isinstance(t, torch.Tensor)
+        ]
+        shape_args = " ".join(f"--input-shape {s}" for s in shapes)
+        text = f"Pass '{p.name}' crashed: {first_line(exc)}\n\n"
+        if kept:
+            return text + (
+                "Reproduce the crash with the failing pass alone:\n"
+                f"  graphopt optimize before_pass.pt --trust-pickle {shape_args} "
+                f"--passes '{format_step(p)}' -o out.pt\n"
+                "or the whole pipeline from the input model:\n"
+                f"  graphopt optimize input_model.pt --trust-pickle {shape_args} "
+                f"--passes '{self.pipeline}' -o out.pt\n"
+            )
+        source = original.source or "MODEL"
+        return text + (
+            f"The model weights ({human_bytes(weights)}) were left out; input_model.py and "
+            "before_pass.py hold the graphs' code. Reproduce the crash, with a full "
+            "reproducer in DIR:\n"
+            f"  graphopt optimize {source} {shape_args} --passes '{self.pipeline}' "
+            "-o out.pt --reproducer DIR\n"
+        )
+
+
+def _write_text(folder: str, name: str, text: str) -> None:
+    with open(os.path.join(folder, name), "w") as f:
+        f.write(text)
+
+
+def human_bytes(n: float) -> str:
+    """A size for people: ``512 B``, ``12.3 kB``, ``97.8 MB``, ``1.5 GB`` (powers of 1000)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
 
 
 def _detached(gm: fx.GraphModule) -> fx.GraphModule:
@@ -349,8 +393,6 @@ def _detached(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _versions() -> dict[str, str]:
     import torchvision
-
-    from . import __version__
 
     return {
         "graphopt": __version__,

@@ -12,43 +12,130 @@ parsing, ``graphopt passes``, and the generated docs.
 ...     exact = False
 ...     @dataclasses.dataclass
 ...     class Options:
-...         factor: float = graphopt.option(2.0, "the multiplier", check=lambda v: v > 0)
+...         factor: float = graphopt.option(2.0, "the multiplier", gt=0, le=10)
 ...     def run(self, ir, ctx):
-...         ...
+...         factor = self.options.factor  # an Options instance, parsed and checked
 >>> Scale.parse_options({"factor": "3"}).factor
 3.0
+>>> Scale.parse_options({"factor": "0"})
+Traceback (most recent call last):
+...
+graphopt.errors.GraphoptError: option scale(factor=0.0) is out of range; expected a number ...
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import fnmatch
 import math
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, get_args, get_origin
+
+import torch
 
 from .errors import GraphoptError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from .ir import GraphIR
+    from .extensions import Criterion, Exporter, LossFn
+    from .ir import Analysis, GraphIR
 
-__all__ = ["NoOptions", "OptionSpec", "Pass", "PassContext", "option"]
+__all__ = [
+    "Bounds",
+    "NamePatterns",
+    "NoOptions",
+    "OptionSpec",
+    "Pass",
+    "PassContext",
+    "RegistryView",
+    "option",
+    "split_batch",
+]
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The valid range of a numeric option (of each item, for a list option): ``ge``/``gt``
+    a lower bound, inclusive or not, ``le``/``lt`` an upper one. ``what`` names the values
+    in messages ("a fraction"); by default "a number" or "a whole number"."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    what: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.ge is not None and self.gt is not None:
+            raise ValueError("give ge or gt, not both")
+        if self.le is not None and self.lt is not None:
+            raise ValueError("give le or lt, not both")
+
+    def holds(self, value: Any) -> bool:
+        """Whether ``value`` (a number, None, or a list of numbers) is within the bounds."""
+        if value is None:
+            return True
+        if isinstance(value, list | tuple):
+            return all(self.holds(v) for v in value)
+        return not (
+            (self.ge is not None and not value >= self.ge)
+            or (self.gt is not None and not value > self.gt)
+            or (self.le is not None and not value <= self.le)
+            or (self.lt is not None and not value < self.lt)
+        )
+
+    def interval(self) -> str:
+        """The range alone: ``[0, 1)``, ``≥ 1``, ``< 100`` …"""
+        low = self.ge if self.ge is not None else self.gt
+        high = self.le if self.le is not None else self.lt
+        if low is not None and high is not None:
+            left, right = "[" if self.ge is not None else "(", "]" if self.le is not None else ")"
+            return f"in {left}{_number(low)}, {_number(high)}{right}"
+        if low is not None:
+            return f"{'≥' if self.ge is not None else '>'} {_number(low)}"
+        if high is not None:
+            return f"{'≤' if self.le is not None else '<'} {_number(high)}"
+        return "any number"
+
+    def describe(self, typ: Any) -> str:
+        """The range for messages and docs, e.g. ``a fraction in [0, 1)``."""
+        inner = _item_type(typ)
+        what = self.what or ("a whole number" if inner is int else "a number")
+        text = f"{what} {self.interval()}"
+        return f"each value to be {text}" if _is_list(typ) else text
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
 
 
 def option(
     default: Any,
     help: str,
     *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    what: str | None = None,
     check: Callable[[Any], bool] | None = None,
     check_msg: str | None = None,
 ) -> Any:
-    """Declare one pass option: its default, help text, and an optional validity check."""
-    meta = {"help": help, "check": check, "check_msg": check_msg}
+    """Declare one pass option: its default and help text, and what values are valid.
+
+    ``ge``/``gt``/``le``/``lt`` bound a number (each item of a list) and drive both the
+    check and its message, e.g. ``option(0.5, "fraction to remove", ge=0, lt=1, what="a
+    fraction")`` refuses ``1`` with "expected a fraction in [0, 1)"; ``what`` names the
+    values in that message. ``check`` is any other rule (a predicate on the converted
+    value) and ``check_msg`` states it for the message, e.g. "decreasing fractions".
+    """
+    bounds = Bounds(ge, gt, le, lt, what) if (ge, gt, le, lt) != (None,) * 4 else None
+    meta = {"help": help, "check": check, "check_msg": check_msg, "bounds": bounds}
     if isinstance(default, list | dict | set):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -67,10 +154,35 @@ class OptionSpec:
     type: Any
     default: Any
     help: str
+    bounds: Bounds | None = None
 
     @property
     def type_name(self) -> str:
-        return _type_name(self.type)
+        """The type as ``graphopt passes`` shows it, with its range: ``float in [0, 1)``."""
+        name = _type_name(self.type)
+        return f"{name} {self.bounds.interval()}" if self.bounds is not None else name
+
+
+class RegistryView(Protocol):
+    """What a running pass may look up among the plugins' contributions: the
+    :class:`graphopt.Registry` the pipeline runs with (``-p no:NAME`` applied)."""
+
+    @property
+    def passes(self) -> Mapping[str, type[Pass]]: ...
+
+    @property
+    def analyses(self) -> Mapping[str, Analysis]: ...
+
+    @property
+    def exporters(self) -> Mapping[str, Exporter]: ...
+
+    @property
+    def criteria(self) -> Mapping[str, Criterion]: ...
+
+    @property
+    def losses(self) -> Mapping[str, LossFn]: ...
+
+    def pass_class(self, name: str) -> type[Pass]: ...
 
 
 class PassContext:
@@ -79,8 +191,10 @@ class PassContext:
     ``data`` is the calibration/training data the user supplied (an iterable of input
     tuples or of ``(inputs, target)`` batches), ``reference`` the untouched original model
     (the teacher for distillation), ``probe_inputs`` the inputs the pass manager checks
-    deviation on. ``note`` records a line for the pass's report, e.g. why a node was left
-    alone; ``stat`` records a number such as how many nodes were rewritten.
+    deviation on, ``registry`` the plugin registry the pipeline runs with (look other
+    contributions up there, e.g. ``ctx.registry.losses[name]``: ``-p no:NAME`` applies).
+    ``note`` records a line for the pass's report, e.g. why a node was left alone; ``stat``
+    records a number such as how many nodes were rewritten.
     """
 
     def __init__(
@@ -90,11 +204,13 @@ class PassContext:
         reference: Any = None,
         data: Any = None,
         console: Console | None = None,
+        registry: RegistryView | None = None,
     ) -> None:
         self.probe_inputs = probe_inputs
         self.reference = reference
         self.data = data
         self.console = console
+        self.registry = registry
         self.notes: list[str] = []
         self.stats: dict[str, float] = {}
 
@@ -111,7 +227,9 @@ class Pass:
     """Base class of every pass, built-in or third-party.
 
     Subclasses set the class attributes and implement :meth:`run`, which rewrites
-    ``ir`` in place (the pass manager hands each pass its own copy of the model).
+    ``ir`` in place (the pass manager hands each pass its own copy of the model). The
+    option values the pipeline gave are ``self.options``, an instance of ``Options`` with
+    every field converted and checked.
     """
 
     name: ClassVar[str] = ""
@@ -142,7 +260,12 @@ class Pass:
         for f in dataclasses.fields(cls.Options):
             factory: Any = f.default_factory
             default = f.default if f.default is not dataclasses.MISSING else factory()
-            specs.append(OptionSpec(f.name, hints[f.name], default, f.metadata.get("help", "")))
+            specs.append(
+                OptionSpec(
+                    f.name, hints[f.name], default, f.metadata.get("help", ""),
+                    f.metadata.get("bounds"),
+                )
+            )  # fmt: skip
         return specs
 
     @classmethod
@@ -158,13 +281,15 @@ class Pass:
                     f"pass '{cls.name}' has no option '{key}'; its options are: {known}"
                 )
             values[key] = _convert(value, hints[key], f"{cls.name}({key}=…)")
-            check = fields[key].metadata.get("check")
+            meta = fields[key].metadata
+            where = f"option {cls.name}({key}={format_value(values[key])}) is out of range"
+            bounds: Bounds | None = meta.get("bounds")
+            if bounds is not None and not bounds.holds(values[key]):
+                raise GraphoptError(f"{where}; expected {bounds.describe(hints[key])}")
+            check = meta.get("check")
             if check is not None and not check(values[key]):
-                why = fields[key].metadata.get("check_msg") or fields[key].metadata.get("help")
-                raise GraphoptError(
-                    f"option {cls.name}({key}={format_value(values[key])}) is out of range; "
-                    f"expected {why}"
-                )
+                why = meta.get("check_msg") or meta.get("help")
+                raise GraphoptError(f"{where}; expected {why}")
         return cls.Options(**values)
 
     @classmethod
@@ -255,6 +380,24 @@ def _convert(value: Any, typ: Any, where: str) -> Any:
     return value
 
 
+def _is_list(typ: Any) -> bool:
+    origin, args = get_origin(typ), get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_list(a) for a in args)
+    return origin in (list, tuple)
+
+
+def _item_type(typ: Any) -> Any:
+    """``int`` for ``int``, ``int | None``, ``list[int]`` …"""
+    origin, args = get_origin(typ), get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _item_type(inner[0]) if len(inner) == 1 else typ
+    if origin in (list, tuple) and args:
+        return _item_type(args[0])
+    return typ
+
+
 def _type_name(typ: Any) -> str:
     origin, args = get_origin(typ), get_args(typ)
     if origin is Literal:
@@ -264,3 +407,73 @@ def _type_name(typ: Any) -> str:
     if origin in (list, tuple):
         return f"list of {_type_name(args[0]) if args else 'str'}"
     return getattr(typ, "__name__", str(typ))
+
+
+class NamePatterns:
+    """Glob patterns over node names or module paths (an ``ignore``, ``skip`` or
+    ``features`` option), remembering which matched so that a pattern that matched
+    nothing (usually a typo) can be refused.
+
+    >>> ignore = NamePatterns(["layer1.*", "fc"])
+    >>> ignore.matches("layer1.0.conv1"), ignore.matches("layer2.0.conv1", "conv1")
+    (True, False)
+    >>> ignore.unused()
+    ['fc']
+    """
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self._matched = dict.fromkeys(patterns, False)
+
+    def __bool__(self) -> bool:
+        return bool(self._matched)
+
+    def matches(self, *names: str) -> bool:
+        """Whether any pattern matches any of ``names`` (each matching pattern is marked)."""
+        hits = [p for p in self._matched if any(fnmatch.fnmatchcase(n, p) for n in names)]
+        self._matched.update(dict.fromkeys(hits, True))
+        return bool(hits)
+
+    def unused(self) -> list[str]:
+        """The patterns that have matched nothing so far."""
+        return [p for p, hit in self._matched.items() if not hit]
+
+    def check_all_used(self, pass_name: str, what: str, *, option: str = "ignore") -> None:
+        """Raise if a pattern matched nothing: it names no ``what`` of the model."""
+        unused = self.unused()
+        if unused:
+            raise GraphoptError(
+                f"{pass_name} {option} pattern '{unused[0]}' matches no {what}; use a module "
+                "path or node name from 'graphopt inspect MODEL'"
+            )
+
+
+def split_batch(batch: Any, n_inputs: int) -> tuple[tuple[Any, ...], Any]:
+    """A batch of the user's data (``ctx.data``) as ``(model inputs, labels or None)``.
+
+    A batch is a tensor (the one input of a one-input model), a tuple or list of the
+    model's ``n_inputs`` inputs optionally followed by the labels, or a pair
+    ``((inputs…), labels)``.
+
+    >>> x, y = torch.zeros(2, 3), torch.tensor([0, 1])
+    >>> [len(split_batch(b, 1)[0]) for b in (x, (x,), (x, y), [(x,), y])]
+    [1, 1, 1, 1]
+    >>> split_batch((x, y), 1)[1] is y, split_batch((x,), 1)[1]
+    (True, None)
+    """
+    if isinstance(batch, torch.Tensor):
+        return (batch,), None
+    if not isinstance(batch, tuple | list):
+        raise GraphoptError(
+            f"a data batch is a {type(batch).__name__}; batches must be tuples of the model's "
+            f"{n_inputs} input(s), optionally followed by the labels"
+        )
+    if len(batch) == 2 and isinstance(batch[0], tuple | list):
+        return tuple(batch[0]), batch[1]
+    if len(batch) == n_inputs:
+        return tuple(batch), None
+    if len(batch) == n_inputs + 1:
+        return tuple(batch[:n_inputs]), batch[n_inputs]
+    raise GraphoptError(
+        f"a data batch has {len(batch)} items but the model takes {n_inputs} input(s); give "
+        f"{n_inputs} inputs, optionally followed by the labels"
+    )

@@ -22,14 +22,17 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
-from torch.utils import _pytree as pytree
 
 from .errors import GraphoptError, first_line
-from .manager import Deviation, LedgerEntry, run_model
+from .ir import GraphIR
+from .lowering import METADATA_NAME, load_folder, read_metadata, write_onnx
+from .manager import ledger_from_metadata
+from .measuring import agreement, run_model, weights_bytes
+from .report import Latency, ModelReport
 
 __all__ = [
     "Latency",
@@ -43,18 +46,6 @@ __all__ = [
     "time_callable",
     "torch_threads",
 ]
-
-
-@dataclass
-class Latency:
-    """Milliseconds per call: median and quartiles over ``runs`` timed calls."""
-
-    median_ms: float
-    p25_ms: float
-    p75_ms: float
-    runs: int
-    warmup: int
-    threads: int
 
 
 def time_callable(
@@ -93,38 +84,6 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 
 @dataclass
-class ModelReport:
-    """What ``graphopt report`` shows for one model."""
-
-    source: str
-    params: int | None
-    macs: int | None
-    size_bytes: int
-    size_kind: str  # "file" or "weights in memory"
-    latency: Latency | None
-    ort_latency: Latency | None
-    metadata: dict[str, Any] | None = None
-    notes: list[str] = field(default_factory=list)
-    weights_bytes: int | None = None  # parameters and buffers (ONNX: initializers)
-
-    def _repr_html_(self) -> str:
-        from .report import report_html
-
-        return report_html([self])
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain data for ``--json``: the figures, notes, and the stored ledger if any."""
-        data = asdict(self)
-        meta = data.pop("metadata") or {}
-        data["artifact"] = (
-            {k: meta.get(k) for k in ("pipeline", "source", "graphopt", "torch", "ledger")}
-            if meta
-            else None
-        )
-        return data
-
-
-@dataclass
 class Loaded:
     """A model to report on: a torch module (maybe with its GraphIR) or an ONNX file."""
 
@@ -148,8 +107,6 @@ class Loaded:
 
 def from_module(module: torch.nn.Module, inputs: tuple[Any, ...], *, source: str = "") -> Loaded:
     """A module (traced for params and MACs) ready for :func:`measure`."""
-    from .ir import GraphIR
-
     ir = GraphIR.trace(module, inputs, source=source)
     return Loaded(source or type(module).__name__, tuple(inputs), module=ir.gm, ir=ir)
 
@@ -183,8 +140,6 @@ def _size_on_disk(path: str) -> int:
 
 
 def _is_artifact_folder(spec: str) -> bool:
-    from .lowering import METADATA_NAME
-
     return os.path.isdir(spec) and os.path.isfile(os.path.join(spec, METADATA_NAME))
 
 
@@ -200,7 +155,6 @@ def load_for_report(
     """Load MODEL for measuring: anything ``optimize`` takes, plus ``.onnx`` files and the
     folder artifacts graphopt writes. ``inputs`` overrides the model's own example inputs."""
     from . import load
-    from .lowering import _load_folder, read_metadata
     from .plugins import get_registry
 
     exporters = get_registry().exporters
@@ -219,7 +173,7 @@ def load_for_report(
             loaded = Loaded(spec, inputs, onnx_path=spec, metadata=metadata)
         else:
             try:
-                module = cast(torch.nn.Module, _load_folder(spec))
+                module = cast(torch.nn.Module, load_folder(spec))
             except Exception as exc:
                 raise GraphoptError(
                     f"the graphopt folder '{spec}' cannot be loaded ({first_line(exc)}); "
@@ -261,8 +215,6 @@ def _check_runs(loaded: Loaded) -> None:
 
 
 def _onnx_latency(loaded: Loaded, runs: int, warmup: int, notes: list[str]) -> Latency | None:
-    from .lowering import _write_onnx
-
     tmp = None
     try:
         path = loaded.onnx_path
@@ -272,7 +224,7 @@ def _onnx_latency(loaded: Loaded, runs: int, warmup: int, notes: list[str]) -> L
                 return None
             tmp = tempfile.mkdtemp(prefix="graphopt-report-")
             path = os.path.join(tmp, "model.onnx")
-            _write_onnx(loaded.ir.gm, loaded.inputs, path, {})
+            write_onnx(loaded.ir.gm, loaded.inputs, path, {})
         session = ort_session(path)
         return time_callable(lambda: session(*loaded.inputs), runs=runs, warmup=warmup)
     except Exception as exc:
@@ -297,16 +249,6 @@ def _onnx_weights(path: str) -> tuple[int, int]:
     return count, nbytes
 
 
-def _state_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers, each storage counted once."""
-    seen: dict[int, int] = {}
-    for t in module.state_dict(keep_vars=True).values():
-        if isinstance(t, torch.Tensor):
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
-
-
 def measure(loaded: Loaded, *, runs: int = 20, warmup: int = 3, onnx: bool = True) -> ModelReport:
     """Size, params, MACs and latency of a loaded model.
 
@@ -320,7 +262,7 @@ def measure(loaded: Loaded, *, runs: int = 20, warmup: int = 3, onnx: bool = Tru
         params, macs = loaded.ir.total_params(), loaded.ir.total_macs()
     elif loaded.module is not None:
         params = sum(p.numel() for p in loaded.module.parameters())
-    weights = _state_bytes(loaded.module) if loaded.module is not None else None
+    weights = weights_bytes(loaded.module) if loaded.module is not None else None
     if os.path.exists(loaded.source):
         size, size_kind = _size_on_disk(loaded.source), "file"
     else:
@@ -338,58 +280,3 @@ def measure(loaded: Loaded, *, runs: int = 20, warmup: int = 3, onnx: bool = Tru
     return ModelReport(
         loaded.source, params, macs, size, size_kind, latency, ort, loaded.metadata, notes, weights
     )
-
-
-def _tensors(out: Any) -> list[torch.Tensor]:
-    return [t.detach().float() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
-def agreement(a: Loaded, b: Loaded, batches: Iterable[Any] | None = None) -> Deviation:
-    """How far B's outputs are from A's: max abs error, relative error ‖B−A‖/‖A‖ and, for
-    classifier logits, top-1 agreement, over ``batches`` (default: A's probe inputs)."""
-    max_abs = num = den = 0.0
-    agree = total = 0
-    count = 0
-    for batch in batches if batches is not None else [a.inputs]:
-        inputs = tuple(batch) if isinstance(batch, tuple | list) else (batch,)
-        ref, got = _outputs(a, inputs), _outputs(b, inputs)
-        if len(ref) != len(got) or any(x.shape != y.shape for x, y in zip(ref, got, strict=True)):
-            raise GraphoptError(
-                f"'{b.source}' returns outputs shaped {[tuple(t.shape) for t in got]} where "
-                f"'{a.source}' returns {[tuple(t.shape) for t in ref]}; compare models with the "
-                "same outputs"
-            )
-        count += 1
-        for x, y in zip(got, ref, strict=True):
-            if x.numel():
-                max_abs = max(max_abs, float((x - y).abs().max()))
-            num += float((x - y).pow(2).sum())
-            den += float(y.pow(2).sum())
-        if ref and ref[0].dim() == 2 and ref[0].shape[1] > 1:
-            agree += int((got[0].argmax(1) == ref[0].argmax(1)).sum())
-            total += ref[0].shape[0]
-    if count == 0:
-        raise GraphoptError("the data spec gave no batches; give at least one batch")
-    rel = math.sqrt(num) / math.sqrt(den) if den > 0 else (0.0 if num == 0 else math.inf)
-    return Deviation(max_abs, rel, agree / total if total else None)
-
-
-def _outputs(model: Loaded, inputs: tuple[Any, ...]) -> list[torch.Tensor]:
-    try:
-        return _tensors(model(*inputs))
-    except Exception as exc:
-        shapes = ", ".join("×".join(map(str, getattr(t, "shape", ()))) for t in inputs)
-        raise GraphoptError(
-            f"'{model.source}' fails on a batch of shape {shapes} ({first_line(exc)}); give "
-            "batches the model accepts"
-        ) from None
-
-
-def ledger_from_metadata(metadata: dict[str, Any]) -> list[LedgerEntry]:
-    """The compression ledger stored in an artifact's metadata, as :class:`LedgerEntry` rows
-    (keys a newer graphopt may have added are ignored)."""
-    known = {f.name for f in fields(LedgerEntry)}
-    return [
-        LedgerEntry(**{k: v for k, v in row.items() if k in known})
-        for row in metadata.get("ledger") or []
-    ]

@@ -1,5 +1,6 @@
-"""Rendering the compression ledger and model reports: rich tables for people, JSON for
-machines."""
+"""Model reports and the compression ledger: what ``graphopt report`` measured (filled in
+by :mod:`graphopt.profiling`) and how it is shown: rich tables for people, HTML for
+Jupyter, JSON for machines."""
 
 from __future__ import annotations
 
@@ -7,19 +8,21 @@ import html
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .manager import Deviation, LedgerEntry
-
-if TYPE_CHECKING:
-    from .profiling import ModelReport
+from .manager import LedgerEntry, ledger_from_metadata
+from .measuring import Deviation
+from .version import __version__
 
 __all__ = [
+    "Latency",
+    "ModelReport",
     "Report",
     "artifact_line",
     "human",
@@ -32,6 +35,48 @@ __all__ = [
     "report_table",
     "write_text_atomic",
 ]
+
+
+@dataclass
+class Latency:
+    """Milliseconds per call: median and quartiles over ``runs`` timed calls."""
+
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    runs: int
+    warmup: int
+    threads: int
+
+
+@dataclass
+class ModelReport:
+    """What ``graphopt report`` shows for one model."""
+
+    source: str
+    params: int | None
+    macs: int | None
+    size_bytes: int
+    size_kind: str  # "file" or "weights in memory"
+    latency: Latency | None
+    ort_latency: Latency | None
+    metadata: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    weights_bytes: int | None = None  # parameters and buffers (ONNX: initializers)
+
+    def _repr_html_(self) -> str:
+        return report_html([self])
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data for ``--json``: the figures, notes, and the stored ledger if any."""
+        data = asdict(self)
+        meta = data.pop("metadata") or {}
+        data["artifact"] = (
+            {k: meta.get(k) for k in ("pipeline", "source", "graphopt", "torch", "ledger")}
+            if meta
+            else None
+        )
+        return data
 
 
 def human(n: float) -> str:
@@ -78,13 +123,14 @@ def _ledger_cells(ledger: list[LedgerEntry]) -> list[tuple[list[str], bool]]:
 
 def ledger_table(ledger: list[LedgerEntry], title: str = "compression ledger") -> Table:
     """Per pass: params and MACs (with change from the input), deviation, time."""
-    table = Table(title=title)
+    table = Table(title=escape(title))
     for i, col in enumerate(_LEDGER_HEADER):
         table.add_column(col, justify="left" if i < 2 else "right")
     for cells, off in _ledger_cells(ledger):
+        row: list[str | Text] = [Text(c) for c in cells]  # a step's "[a,b]" is not markup
         if off:  # an exact pass that moved the output: show its error in red
-            cells[4] = f"[red]{cells[4]}[/]"
-        table.add_row(*cells)
+            row[4] = Text(cells[4], style="red")
+        table.add_row(*row)
     return table
 
 
@@ -176,8 +222,6 @@ def report_renderable(reports: list[ModelReport], agreement: Deviation | None = 
 
 def report_html(reports: list[ModelReport], agreement: Deviation | None = None) -> str:
     """The same report as HTML tables (for Jupyter), with each artifact's ledger."""
-    from .profiling import ledger_from_metadata
-
     header, body, captions = _report_cells(reports, agreement)
     parts = [
         _html_table(header, body, "graphopt report"),
@@ -231,8 +275,6 @@ def print_report(
     data: str | None = None,
 ) -> None:
     """The ``graphopt report`` output: the table, notes, and each artifact's ledger."""
-    from .profiling import ledger_from_metadata
-
     console.print(report_renderable(reports, agreement))
     if agreement is not None:
         console.print(f"  agreement measured on {data or 'the probe input of A'}", highlight=False)
@@ -250,8 +292,6 @@ def print_report(
 def report_json(reports: list[ModelReport], agreement: Deviation | None = None) -> dict[str, Any]:
     """The ``graphopt report --json`` document."""
     import torch
-
-    from . import __version__
 
     data: dict[str, Any] = {
         "graphopt": __version__,

@@ -1,18 +1,21 @@
-"""Built-in analyses, contributed through the same hook as a plugin's.
+"""Shapes and costs of a graph, the engine of the built-in ``shapes`` and ``costs`` analyses.
 
-``shapes`` runs the graph once on fake tensors (no real compute, no real memory), storing
-each node's fake value in ``node.meta["val"]`` and counting its multiply-accumulates with
-torch's FLOP counter, so functional calls and attention are counted as well as modules.
-Norms, activations, linear layers and convolutions are not run: their outputs and MACs
-follow from their input's shape (:data:`_SHAPE_RULES`). ``costs`` turns that into per-node
-parameters and MACs.
+:func:`propagate_shapes` runs the graph once on fake tensors (no real compute, no real
+memory), storing each node's fake value in ``node.meta["val"]`` and counting its
+multiply-accumulates with torch's FLOP counter, so functional calls and attention are
+counted as well as modules. Norms, activations, linear layers and convolutions are not run:
+their outputs and MACs follow from their input's shape (:data:`_SHAPE_RULES`).
+:func:`node_costs` turns that into per-node parameters and MACs. Both work on a plain fx
+``GraphModule``; :class:`graphopt.GraphIR` offers them as its ``shapes`` and ``costs``
+analyses.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -22,13 +25,28 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import GraphoptError, first_line
-from .hookspecs import hookimpl
-from .ir import NodeCost
 
-if TYPE_CHECKING:
-    from .ir import GraphIR
+__all__ = [
+    "FUSED_FLOPS",
+    "MACS",
+    "NodeCost",
+    "counts_flops",
+    "node_costs",
+    "packed_weights",
+    "propagate_shapes",
+    "run_counting",
+]
 
+#: node.meta key holding a node's multiply-accumulates, set by :func:`propagate_shapes`
 MACS = "graphopt_macs"
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """Parameters owned by a node (counted at its first use) and multiply-accumulates."""
+
+    params: int
+    macs: int
 
 
 #: module types (exactly these, not subclasses) whose forward never reaches an op that
@@ -274,18 +292,19 @@ FUSED_FLOPS = {
 }
 
 
-def propagate_shapes(ir: GraphIR) -> None:
-    """Fill ``node.meta["val"]`` and MAC counts for every node of ``ir``."""
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Fill ``node.meta["val"]`` and MAC counts (``node.meta[MACS]``) for every node of
+    ``gm``, running it on fake copies of ``example_inputs``."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in ir.example_inputs]
-    n_placeholders = sum(1 for n in ir.graph.nodes if n.op == "placeholder")
+    inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+    n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
     if len(inputs) != n_placeholders:
         raise GraphoptError(
             f"the model takes {n_placeholders} input(s) but {len(inputs)} example input(s) were "
             "given; give one --input-shape per input"
         )
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=FUSED_FLOPS) as counter:
-        interpreter = _FakeCostInterpreter(ir.gm, mode, counter)
+        interpreter = _FakeCostInterpreter(gm, mode, counter)
         try:
             interpreter.run(*inputs)
         except Exception:
@@ -294,18 +313,18 @@ def propagate_shapes(ir: GraphIR) -> None:
             raise GraphoptError(interpreter.describe_failure()) from None
 
 
-def node_costs(ir: GraphIR) -> dict[str, NodeCost]:
-    """Per-node parameters (each parameter counted at its first use) and MACs."""
-    ir.analysis("shapes")
+def node_costs(gm: fx.GraphModule) -> dict[str, NodeCost]:
+    """Per-node parameters (each parameter counted at its first use) and MACs, from the
+    MAC counts :func:`propagate_shapes` left in the nodes' metadata."""
     seen: set[int] = set()
     out = {}
-    for node in ir.graph.nodes:
+    for node in gm.graph.nodes:
         params = 0
         tensors: list[torch.Tensor] = []
         if node.op == "call_module":
-            tensors = list(ir.module(node).parameters())
+            tensors = list(gm.get_submodule(str(node.target)).parameters())
         elif node.op == "get_attr":
-            value = ir.fetch(str(node.target))
+            value = operator.attrgetter(str(node.target))(gm)
             if isinstance(value, torch.nn.Parameter):
                 tensors = [value]
             elif id(value) not in seen:  # unpacking makes new tensors: count the pack once
@@ -330,14 +349,3 @@ def packed_weights(value: Any) -> list[torch.Tensor]:
     except Exception:  # a packed object of a kind that cannot unpack on this build
         return []
     return [t for t in unpacked if isinstance(t, torch.Tensor)]
-
-
-def _shapes(ir: GraphIR) -> bool:
-    propagate_shapes(ir)
-    return True
-
-
-@hookimpl
-def graphopt_register_analyses(register: Any) -> None:
-    register("shapes", _shapes)
-    register("costs", node_costs)

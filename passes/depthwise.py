@@ -32,9 +32,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
 import graphopt
-from graphopt import GraphIR, GraphoptError, PassContext
-
-from ._ignore import IgnoreList
+from graphopt import GraphIR, GraphoptError, NamePatterns, PassContext
 
 __all__ = ["Depthwise", "DepthwisePlan", "depthwise_factors", "macs_ratio"]
 
@@ -136,22 +134,23 @@ class Depthwise(graphopt.Pass):
             None,
             "per layer, the smallest T whose relative weight error stays within this budget "
             f"({_DEFAULT_MAX_ERROR} when neither rank nor macs_ratio is given)",
-            check=lambda v: v is None or 0 <= v < 1,
-            check_msg="a relative error in [0, 1)",
+            ge=0,
+            lt=1,
+            what="a relative error",
         )
         rank: int | None = graphopt.option(
             None,
             "fixed channel multiplier T for every layer (capped at full rank min(N, k²)); "
             "replaces max_error",
-            check=lambda v: v is None or v >= 1,
-            check_msg="a whole number ≥ 1",
+            ge=1,
         )
         macs_ratio: float | None = graphopt.option(
             None,
             "per layer, the largest T whose MACs are at most this fraction of the original's; "
             "replaces max_error",
-            check=lambda v: v is None or 0 < v <= 1,
-            check_msg="a fraction in (0, 1]",
+            gt=0,
+            le=1,
+            what="a fraction",
         )
         only_if_saves: bool = graphopt.option(
             True, "leave alone layers where the pair would not have fewer MACs"
@@ -216,7 +215,7 @@ class Depthwise(graphopt.Pass):
     def _eligible(self, ir: GraphIR, ctx: PassContext) -> dict[str, list[fx.Node]]:
         """Standard convolutions (groups=1, kernel > 1), grouped by module so a module called
         twice is replaced once and both calls share the new pair."""
-        ignore = IgnoreList(self.options.ignore)
+        ignore = NamePatterns(self.options.ignore)
         groups: dict[str, list[fx.Node]] = {}
         for node in ir.nodes(op="call_module"):
             module = ir.module(node)

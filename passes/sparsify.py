@@ -29,9 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 import graphopt
-from graphopt import GraphIR, GraphoptError, PassContext
-
-from ._ignore import IgnoreList
+from graphopt import GraphIR, GraphoptError, NamePatterns, PassContext
 
 __all__ = ["Sparsify", "magnitude_mask", "sparsifiable_weights"]
 
@@ -94,8 +92,9 @@ class Sparsify(graphopt.Pass):
         amount: float = graphopt.option(
             0.5,
             "fraction of the selected weights to zero",
-            check=lambda v: 0 <= v < 1,
-            check_msg="a fraction in [0, 1)",
+            ge=0,
+            lt=1,
+            what="a fraction",
         )
         scope: Literal["layer", "global"] = graphopt.option(
             "layer",
@@ -145,7 +144,7 @@ class Sparsify(graphopt.Pass):
         )
 
     def _select(self, gm: nn.Module, ctx: PassContext) -> list[tuple[str, nn.Module, str]]:
-        ignore = IgnoreList(self.options.ignore)
+        ignore = NamePatterns(self.options.ignore)
         selected = []
         for path, module, name in sparsifiable_weights(gm, tuple(self.options.layers)):
             if ignore.matches(path):

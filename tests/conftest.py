@@ -107,3 +107,16 @@ def run_main(capsys: pytest.CaptureFixture, *args: str) -> Run:
         code = int(exc.code or 0)
     captured = capsys.readouterr()
     return Run(code, captured.out, captured.err)
+
+
+def pip_install(source: Path, target: Path) -> Path:
+    """``pip install --target`` of a distribution's source folder, with the build backend
+    already installed here and nothing downloaded; returns ``target`` (put it on
+    PYTHONPATH, or sys.path, and the distribution's entry points are found)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--no-index", "--target", str(target), str(source)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return target

@@ -538,8 +538,9 @@ def _logit_l2(inputs):
     return inputs.student_logits.pow(2).mean()
 
 
-class _Interrupt(Exception):
-    pass
+class _Interrupt(KeyboardInterrupt):
+    """A run stopped from outside (Ctrl-C): it passes through graphopt as it is, not as a
+    fault of the plugin whose loss was running."""
 
 
 def test_plugin_loss_checkpoint_and_resume(trained, tmp_path):
@@ -603,7 +604,11 @@ def test_two_plugins_registering_one_loss_name_is_an_error():
     class Second(First):
         pass
 
-    with pytest.raises(GraphoptError, match="distillation loss 'logit_l2' is registered twice"):
+    with pytest.raises(
+        GraphoptError,
+        match="distillation loss 'logit_l2' is registered by both plugin 'First' and plugin "
+        "'Second'",
+    ):
         graphopt.load_registry(autoload=False, extra=[First(), Second()])
 
 

@@ -537,7 +537,7 @@ def test_random_criterion_is_seeded() -> None:
     assert runs[0] == runs[1] != runs[2] and len(runs[0]) == 8
 
 
-def test_plugin_criterion_through_the_hook(monkeypatch) -> None:
+def test_plugin_criterion_through_the_hook() -> None:
     from graphopt.passes.prune.importance import Saliency
 
     class Plugin:
@@ -550,10 +550,12 @@ def test_plugin_criterion_through_the_hook(monkeypatch) -> None:
             )
 
     registry = graphopt.load_registry(extra=[Plugin()])
-    monkeypatch.setattr(graphopt, "get_registry", lambda *a, **k: registry)
     model = weak_model("weights")
-    ir = prune_plain(model, "criterion=inverse,round_to=1")
+    manager = graphopt.PassManager("prune(criterion=inverse,round_to=1)", registry=registry)
+    ir = manager.run(graphopt.trace(model.eval(), (image(),))).ir
     assert kept_rows(model.a[0].weight, ir.gm.get_submodule("a.0").weight) == WEAK
+    with pytest.raises(GraphoptError, match="unknown pruning criterion 'inverse'"):
+        prune_plain(model, "criterion=inverse,round_to=1")  # not in the default registry
 
 
 def test_taylor_needs_data_activations_fall_back_on_probe_inputs() -> None:

@@ -24,24 +24,35 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
 import graphopt
-from graphopt import GraphIR, GraphoptError, PassContext
+from graphopt import (
+    GraphIR,
+    GraphoptError,
+    LossFn,
+    LossInputs,
+    PassContext,
+    registry_in_effect,
+    split_batch,
+)
+from graphopt.pass_api import RegistryView
 
 from .bnrecal import recalibrate_bn
-from .data import NO_DATA, TrainVal, split_batch, train_val
+from .data import NO_DATA, TrainVal, train_val
 from .loop import FitResult, evaluate, fit, logits_of
-from .losses import LossFn, LossInputs, adapter, ce_loss, feature_loss, kd_loss, plugin_losses
+from .losses import adapter, ce_loss, feature_loss, kd_loss, plugin_losses
+from .options import DistillOptions
 from .pairing import Pair, block_outputs, pair_nodes, tap
 
 __all__ = [
     "PASSES",
     "BNRecal",
     "Distill",
+    "DistillOptions",
     "Distilled",
     "FitResult",
     "LossFn",
@@ -65,10 +76,6 @@ __all__ = [
 ]
 
 
-def _fraction(v: float) -> bool:
-    return 0 < v <= 1
-
-
 class Distill(graphopt.Pass):
     """Train the compressed student towards the original model (the teacher)."""
 
@@ -81,65 +88,11 @@ class Distill(graphopt.Pass):
     # prune(criterion=bn_scale) (network slimming) and quant(form=qat),distill,quant are
     # all sound pipelines
 
-    @dataclass
-    class Options:
-        epochs: int = graphopt.option(10, "training epochs (per round)", check=lambda v: v >= 0)
-        alpha: float = graphopt.option(
-            0.9, "weight α of the soft-label KD loss", check=lambda v: v >= 0
-        )
-        beta: float = graphopt.option(
-            0.5,
-            "weight β of the feature loss (0 turns feature pairing off)",
-            check=lambda v: v >= 0,
-        )
-        gamma: float = graphopt.option(
-            0.1, "weight γ of the hard-label cross-entropy", check=lambda v: v >= 0
-        )
-        temperature: float = graphopt.option(
-            4.0, "softmax temperature T of the KD loss", check=lambda v: v > 0
-        )
-        features: list[str] = graphopt.option(
-            [], "teacher node-name globs to distil features at (default: every block's output)"
-        )
-        losses: list[str] = graphopt.option([], "plugin losses to add, as NAME or NAME:WEIGHT")
-        optimizer: Literal["adamw", "sgd"] = graphopt.option("adamw", "optimizer")
-        lr: float = graphopt.option(1e-3, "initial learning rate", check=lambda v: v > 0)
-        weight_decay: float = graphopt.option(1e-4, "weight decay", check=lambda v: v >= 0)
-        schedule: Literal["cosine", "constant"] = graphopt.option(
-            "cosine", "learning-rate schedule over the epochs"
-        )
-        patience: int = graphopt.option(
-            3, "stop after this many epochs without a better validation metric (0: never)",
-            check=lambda v: v >= 0,
-        )  # fmt: skip
-        l1_bn: float = graphopt.option(
-            0.0, "L1 penalty on BatchNorm scales (network slimming)", check=lambda v: v >= 0
-        )
-        freeze_bn: bool = graphopt.option(
-            False, "keep BatchNorm statistics fixed while training (scales still learn)"
-        )
-        keep_zeros: bool = graphopt.option(
-            True, "weights that are exactly zero (sparsify, magnitude pruning) stay zero"
-        )
-        prune_targets: list[float] = graphopt.option(
-            [],
-            "iterative schedule: prune to each fraction of the MACs in turn, distilling after each",
-            check=lambda v: all(_fraction(x) for x in v) and list(v) == sorted(v, reverse=True),
-            check_msg="decreasing fractions in (0, 1]",
-        )
-        prune: str = graphopt.option(
-            "prune", "the pruning step of a prune_targets schedule, e.g. prune(criterion=l2)"
-        )
-        checkpoint: str | None = graphopt.option(None, "folder for a checkpoint every epoch")
-        resume: bool = graphopt.option(False, "continue from the checkpoint if there is one")
-        device: str = graphopt.option("auto", "cpu, cuda, cuda:N, or auto (GPU when there is one)")
-        seed: int = graphopt.option(0, "random seed of adapters and shuffling")
-        progress: bool = graphopt.option(True, "show a progress bar on a terminal")
-
-    registry: graphopt.Registry | None = None
+    Options = DistillOptions
 
     def run(self, ir: GraphIR, ctx: PassContext) -> None:
-        o = self.options
+        o: DistillOptions = self.options
+        registry = ctx.registry or registry_in_effect()
         train, val = train_val(ctx.data)
         if not isinstance(ctx.reference, fx.GraphModule):
             raise GraphoptError(
@@ -153,12 +106,12 @@ class Distill(graphopt.Pass):
                 "distill cannot resume an iterative prune_targets schedule; resume a single "
                 "distill step after prune instead"
             )
-        extras = plugin_losses(o.losses, self.registry)
+        extras = plugin_losses(o.losses, registry)
         if not o.prune_targets:
             self._report(fit(ir.gm, ctx.reference, train, val, o, extra_losses=extras,
                              console=ctx.console), ctx, "")  # fmt: skip
             return
-        prune, prune_options = _prune_step(o.prune, self.registry)
+        prune, prune_options = _prune_step(o.prune, registry)
         macs0 = ir.total_macs()
         for k, target in enumerate(o.prune_targets, 1):
             relative = target * macs0 / max(ir.total_macs(), 1)
@@ -166,7 +119,7 @@ class Distill(graphopt.Pass):
                 step = prune(prune.parse_options({**prune_options, "target": relative}))
                 sub = PassContext(
                     probe_inputs=ctx.probe_inputs, reference=ctx.reference, data=ctx.data,
-                    console=ctx.console,
+                    console=ctx.console, registry=registry,
                 )  # fmt: skip
                 step.run(ir, sub)
                 ir.recompile()
@@ -196,9 +149,7 @@ class Distill(graphopt.Pass):
             )
 
 
-def _prune_step(
-    text: str, registry: graphopt.Registry | None
-) -> tuple[type[graphopt.Pass], dict[str, Any]]:
+def _prune_step(text: str, registry: RegistryView) -> tuple[type[graphopt.Pass], dict[str, Any]]:
     """The pass class and options of the ``prune`` option's step (validated up front)."""
     from graphopt.pipeline import parse
 
@@ -207,8 +158,7 @@ def _prune_step(
         raise GraphoptError(
             f"distill(prune={text!r}) must name one pruning step, e.g. prune(criterion=l2)"
         )
-    reg = registry or graphopt.get_registry()
-    cls = reg.pass_class(steps[0].name)
+    cls = registry.pass_class(steps[0].name)
     if "target" not in {spec.name for spec in cls.option_specs()}:
         raise GraphoptError(
             f"distill(prune={text!r}) names pass '{cls.name}', which has no 'target' option; "
@@ -230,7 +180,7 @@ class BNRecal(graphopt.Pass):
     @dataclass
     class Options:
         batches: int = graphopt.option(
-            100, "how many training batches to average the statistics over", check=lambda v: v > 0
+            100, "how many training batches to average the statistics over", ge=1
         )
 
     def run(self, ir: GraphIR, ctx: PassContext) -> None:
@@ -276,11 +226,16 @@ def distill(
         ir = GraphIR.trace(student, example_inputs).copy()
     teacher_gm = teacher if isinstance(teacher, fx.GraphModule) else GraphIR.trace(teacher, ()).gm
     p = Distill(Distill.parse_options(options))
-    p.registry = registry
+    registry = registry or registry_in_effect()
     ctx = PassContext(
-        probe_inputs=ir.example_inputs, reference=teacher_gm, data=data, console=console
+        probe_inputs=ir.example_inputs,
+        reference=teacher_gm,
+        data=data,
+        console=console,
+        registry=registry,
     )
-    p.run(ir, ctx)
+    with registry.in_effect():
+        p.run(ir, ctx)
     ir.recompile()
     ir.invalidate()
     return Distilled(ir, dict(ctx.stats), list(ctx.notes))

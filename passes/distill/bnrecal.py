@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .data import split_batch
+from graphopt import split_batch
 
 __all__ = ["recalibrate_bn"]
 

@@ -10,7 +10,8 @@ may be
   same pipeline that read plain batches (``quant`` calibrating, ``bnrecal``) can share it.
 
 A batch is a tuple (or list) of the model's inputs, optionally followed by one more item,
-the labels; a bare tensor is the single input of a one-input model.
+the labels; a bare tensor is the single input of a one-input model (see
+:func:`graphopt.split_batch`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from graphopt import GraphoptError
 
-__all__ = ["NO_DATA", "TrainVal", "split_batch", "train_val"]
+__all__ = ["NO_DATA", "TrainVal", "train_val"]
 
 NO_DATA = (
     "distill needs training data and got none; pass data=(train_loader, val_loader) from "
@@ -81,22 +82,3 @@ def train_val(data: Any) -> tuple[Iterable[Any], Iterable[Any] | None]:
             "(train, val) pair of them"
         )
     return data, None
-
-
-def split_batch(batch: Any, n_inputs: int) -> tuple[tuple[Any, ...], torch.Tensor | None]:
-    """A batch as (model inputs, labels or None)."""
-    if isinstance(batch, torch.Tensor):
-        batch = (batch,)
-    if not isinstance(batch, tuple | list):
-        raise GraphoptError(
-            f"a distill batch is a {type(batch).__name__}; batches must be tuples of the "
-            f"model's {n_inputs} input(s), optionally followed by the labels"
-        )
-    if len(batch) == n_inputs:
-        return tuple(batch), None
-    if len(batch) == n_inputs + 1:
-        return tuple(batch[:n_inputs]), batch[n_inputs]
-    raise GraphoptError(
-        f"a distill batch has {len(batch)} items but the model takes {n_inputs} input(s); "
-        f"give {n_inputs} inputs, optionally followed by the labels"
-    )

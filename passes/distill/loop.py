@@ -32,12 +32,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils import _pytree as pytree
 from torch.utils.data.distributed import DistributedSampler
 
-from graphopt import GraphoptError
+from graphopt import GraphoptError, LossFn, LossInputs, run_model, split_batch
 from graphopt.errors import first_line
-from graphopt.manager import run_model
 
-from .data import split_batch
-from .losses import LossFn, LossInputs, adapter, ce_loss, feature_loss, kd_loss
+from .losses import adapter, ce_loss, feature_loss, kd_loss
+from .options import DistillOptions
 from .pairing import Pair, pair_nodes, tap
 
 __all__ = ["FitResult", "evaluate", "fit", "logits_of"]
@@ -178,7 +177,7 @@ def evaluate(
     return kind, hits / max(total, 1)
 
 
-def _optimizer(params: list[nn.Parameter], o: Any) -> torch.optim.Optimizer:
+def _optimizer(params: list[nn.Parameter], o: DistillOptions) -> torch.optim.Optimizer:
     if o.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=o.lr, momentum=0.9, nesterov=True, weight_decay=o.weight_decay
@@ -267,13 +266,13 @@ def fit(
     teacher: fx.GraphModule,
     train: Iterable[Any],
     val: Iterable[Any] | None,
-    o: Any,
+    o: DistillOptions,
     *,
     extra_losses: Sequence[tuple[LossFn, float]] = (),
     console: Any = None,
 ) -> FitResult:
-    """Train ``student`` (in place) towards the frozen ``teacher`` with the options ``o``
-    (the ``distill`` pass's options); see the module docstring."""
+    """Train ``student`` (in place) towards the frozen ``teacher`` with the ``distill``
+    pass's options ``o``; see the module docstring."""
     ranks = _Dist()
     device = _device(o.device, ranks)
     home = next((p.device for p in student.parameters()), torch.device("cpu"))
@@ -284,178 +283,219 @@ def fit(
     try:
         student.to(device)
         teacher.eval()
-        return _fit(student, teacher, train, val, o, extra_losses, console, ranks, device)
+        run = _Run(student, teacher, train, val, o, extra_losses, ranks, device)
+        return run.train(console)
     finally:
         student.to(home)
         _restore(student_modes)
         _restore(teacher_modes)
 
 
-def _fit(
-    student: fx.GraphModule,
-    teacher: fx.GraphModule,
-    train: Iterable[Any],
-    val: Iterable[Any] | None,
-    o: Any,
-    extra_losses: Sequence[tuple[LossFn, float]],
-    console: Any,
-    ranks: _Dist,
-    device: torch.device,
-) -> FitResult:
-    torch.manual_seed(o.seed)
-    n_inputs = _n_inputs(student)
-    notes: list[str] = []
-    first_inputs, first_target = split_batch(_to(_first_batch(train), device), n_inputs)
-    _check_runs(student, teacher, first_inputs)
-    pairs: list[Pair] = []
-    adapters: list[nn.Module] = []
-    scales: list[float] = []
-    if o.beta > 0:
-        pairs, missing = pair_nodes(teacher, student, o.features)
+class _Run:
+    """One training run, phase by phase: pair features and build the models (here), measure
+    the starting point or resume (:meth:`_start`), train epoch by epoch keeping the best
+    weights (:meth:`_epoch`, :meth:`_keep_best`), and restore the best (:meth:`train`)."""
+
+    def __init__(
+        self,
+        student: fx.GraphModule,
+        teacher: fx.GraphModule,
+        train: Iterable[Any],
+        val: Iterable[Any] | None,
+        o: DistillOptions,
+        extra_losses: Sequence[tuple[LossFn, float]],
+        ranks: _Dist,
+        device: torch.device,
+    ) -> None:
+        torch.manual_seed(o.seed)
+        self.student, self.teacher, self.train_data, self.val = student, teacher, train, val
+        self.o, self.extra_losses, self.ranks, self.device = o, extra_losses, ranks, device
+        self.n_inputs = _n_inputs(student)
+        self.notes: list[str] = []
+        first_inputs, first_target = split_batch(_to(_first_batch(train), device), self.n_inputs)
+        _check_runs(student, teacher, first_inputs)
+        self.pairs, adapters, self.scales = self._pair_features(first_inputs)
+        if o.gamma > 0 and first_target is None:
+            self.notes.append("the batches carry no labels: γ (cross-entropy) is not used")
+        self.model = _Student(tap(student, [p.student for p in self.pairs]), adapters).to(device)
+        self.t_net = tap(teacher, [p.teacher for p in self.pairs])
+        self.t_net.eval()
+        self.train_model: nn.Module = self.model
+        if ranks.world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        self.opt = _optimizer([p for p in self.model.parameters() if p.requires_grad], o)
+        self.sched = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(o.epochs, 1))
+            if o.schedule == "cosine"
+            else None
+        )
+        self.bns = [
+            m for m in student.modules() if isinstance(m, _BatchNorm) and m.weight is not None
+        ]
+        self.masks = _zero_masks(student) if o.keep_zeros else []
+        if self.masks:
+            zeros = sum(int((~m).sum()) for _, m in self.masks)
+            self.notes.append(f"kept {zeros} zero weights in {len(self.masks)} tensors at zero")
+        self.ckpt = _Checkpoint(o.checkpoint, ranks.rank)
+
+    def _pair_features(
+        self, inputs: tuple[Any, ...]
+    ) -> tuple[list[Pair], list[nn.Module], list[float]]:
+        """The feature pairs of the β loss, their adapters and loss scales (none if β = 0)."""
+        if self.o.beta <= 0:
+            return [], [], []
+        pairs, missing = pair_nodes(self.teacher, self.student, self.o.features)
         for name in missing:
-            notes.append(f"feature {name}: no student node stands for it, not distilled")
-        pairs, adapters, scales = _adapters(student, teacher, pairs, first_inputs, notes)
+            self.notes.append(f"feature {name}: no student node stands for it, not distilled")
+        pairs, adapters, scales = _adapters(self.student, self.teacher, pairs, inputs, self.notes)
         if not pairs:
-            notes.append("no feature pairs: β (feature loss) is not used")
-    if o.gamma > 0 and first_target is None:
-        notes.append("the batches carry no labels: γ (cross-entropy) is not used")
-    model = _Student(tap(student, [p.student for p in pairs]), adapters).to(device)
-    t_net = tap(teacher, [p.teacher for p in pairs])
-    t_net.eval()
-    train_model: nn.Module = model
-    if ranks.world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=ids)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(params, o)
-    sched = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(o.epochs, 1))
-        if o.schedule == "cosine"
-        else None
-    )
-    bns = [m for m in student.modules() if isinstance(m, _BatchNorm) and m.weight is not None]
-    masks = _zero_masks(student) if o.keep_zeros else []
-    if masks:
-        zeros = sum(int((~m).sum()) for _, m in masks)
-        notes.append(f"kept {zeros} zero weights in {len(masks)} tensors at zero")
+            self.notes.append("no feature pairs: β (feature loss) is not used")
+        return pairs, adapters, scales
 
-    def validate() -> tuple[str, float] | None:
-        if val is None:
+    def _validate(self) -> tuple[str, float] | None:
+        if self.val is None:
             return None
-        student.eval()
-        return evaluate(student, teacher, val, n_inputs, device)
+        self.student.eval()
+        return evaluate(self.student, self.teacher, self.val, self.n_inputs, self.device)
 
-    teacher_metric = evaluate(teacher, teacher, val, n_inputs, device)[1] if val else None
-    start = validate()
-    result = FitResult(
-        metric=start[0] if start else "none",
-        teacher=teacher_metric,
-        before=start[1] if start else None,
-        after=start[1] if start else None,
-        epochs=0,
-        best_epoch=0,
-        pairs=pairs,
-        notes=notes,
-    )
-    best = start[1] if start else None
-    best_state = copy.deepcopy(student.state_dict()) if start else None
-    bad = 0
-    first_epoch = 0
-    ckpt = _Checkpoint(o.checkpoint, ranks.rank)
-    if o.resume:
-        state = ckpt.load(model)
-        if state is not None:
-            opt.load_state_dict(state["optimizer"])
-            if sched is not None and state.get("scheduler"):
-                sched.load_state_dict(state["scheduler"])
-            first_epoch, bad = state["epoch"], state["bad"]
-            best, best_state = state["best"], state["best_state"]
-            result.best_epoch, result.history = state["best_epoch"], state["history"]
-            notes.append(f"resumed from {ckpt.path} after epoch {first_epoch}")
+    def _start(self) -> int:
+        """Measure the teacher and the untrained student, or resume from the checkpoint;
+        return the first epoch to run."""
+        teacher_metric = None
+        if self.val:
+            teacher_metric = evaluate(
+                self.teacher, self.teacher, self.val, self.n_inputs, self.device
+            )[1]
+        start = self._validate()
+        self.result = FitResult(
+            metric=start[0] if start else "none",
+            teacher=teacher_metric,
+            before=start[1] if start else None,
+            after=start[1] if start else None,
+            epochs=0,
+            best_epoch=0,
+            pairs=self.pairs,
+            notes=self.notes,
+        )
+        self.best = start[1] if start else None
+        self.best_state = copy.deepcopy(self.student.state_dict()) if start else None
+        self.bad = 0
+        state = self.ckpt.load(self.model) if self.o.resume else None
+        if state is None:
+            return 0
+        self.opt.load_state_dict(state["optimizer"])
+        if self.sched is not None and state.get("scheduler"):
+            self.sched.load_state_dict(state["scheduler"])
+        self.bad, self.best, self.best_state = state["bad"], state["best"], state["best_state"]
+        self.result.best_epoch, self.result.history = state["best_epoch"], state["history"]
+        self.notes.append(f"resumed from {self.ckpt.path} after epoch {state['epoch']}")
+        return int(state["epoch"])
 
-    def step_loss(batch: Any) -> torch.Tensor:
-        inputs, target = split_batch(_to(ranks.shard(batch, train), device), n_inputs)
+    def _loss(self, batch: Any) -> torch.Tensor:
+        """``α·KD + β·feature + γ·CE`` + plugin losses + the BatchNorm L1 penalty."""
+        o = self.o
+        shard = self.ranks.shard(batch, self.train_data)
+        inputs, target = split_batch(_to(shard, self.device), self.n_inputs)
         with torch.no_grad():
-            t_out, t_feats = t_net(*inputs)
-        s_out, s_feats = train_model(*inputs)
+            t_out, t_feats = self.t_net(*inputs)
+        s_out, s_feats = self.train_model(*inputs)
         s_logits, t_logits = logits_of(s_out), logits_of(t_out)
         loss = s_logits.new_zeros(())
         if o.alpha > 0:
             loss = loss + o.alpha * kd_loss(s_logits, t_logits, o.temperature)
-        if o.beta > 0 and pairs:
-            loss = loss + o.beta * feature_loss(s_feats, t_feats, scales)
+        if o.beta > 0 and self.pairs:
+            loss = loss + o.beta * feature_loss(s_feats, t_feats, self.scales)
         if o.gamma > 0 and target is not None:
             loss = loss + o.gamma * ce_loss(s_logits, target)
-        if extra_losses:
+        if self.extra_losses:
             li = LossInputs(s_logits, t_logits, s_feats, t_feats, target, o.temperature)
-            for fn, weight in extra_losses:
+            for fn, weight in self.extra_losses:
                 loss = loss + weight * fn(li)
-        if o.l1_bn > 0 and bns:
-            loss = loss + o.l1_bn * sum(bn.weight.abs().sum() for bn in bns)
+        if o.l1_bn > 0 and self.bns:
+            loss = loss + o.l1_bn * sum(bn.weight.abs().sum() for bn in self.bns)
         return loss
 
-    with _progress(console, o.progress and ranks.rank == 0) as progress:
-        for epoch in range(first_epoch, o.epochs):
-            model.train()
-            if o.freeze_bn:
-                for m in student.modules():
-                    if isinstance(m, _BatchNorm):
-                        m.eval()
-            total = len(train) if hasattr(train, "__len__") else None  # type: ignore[arg-type]
-            task = progress.add_task(f"distill epoch {epoch + 1}/{o.epochs}", total=total)
-            running, seen = 0.0, 0
-            for batch in train:
-                loss = step_loss(batch)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    for p, keep in masks:
-                        p.mul_(keep)
-                running, seen = running + float(loss.detach()), seen + 1
-                progress.update(
-                    task, advance=1, description=_label(epoch, o.epochs, running / seen)
-                )
-            if sched is not None:
-                sched.step()
-            ranks.average_buffers(student)
-            metric = validate()
-            entry = {"epoch": epoch + 1, "loss": running / max(seen, 1)}
-            if metric is not None:
-                entry[metric[0]] = metric[1]
-                improved = best is None or metric[1] > best + 1e-9
-                bad = 0 if improved else bad + 1
-                if improved or metric[1] >= (best or 0.0) - 1e-9:  # a tie: the later weights win
-                    best = metric[1]
-                    best_state = copy.deepcopy(student.state_dict())
-                    result.best_epoch = epoch + 1
-            result.history.append(entry)
-            progress.update(task, description=_label(epoch, o.epochs, entry["loss"], metric))
-            ckpt.save(
-                {
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict() if sched is not None else None,
-                    "best": best,
-                    "best_state": best_state,
-                    "best_epoch": result.best_epoch,
-                    "bad": bad,
-                    "history": result.history,
-                }
-            )
-            ranks.barrier()
-            if o.patience > 0 and bad >= o.patience and epoch + 1 < o.epochs:
-                notes.append(
-                    f"stopped early after epoch {epoch + 1}: no better {result.metric} for "
-                    f"{o.patience} epochs"
-                )
-                break
-    result.epochs = len(result.history)
-    if best_state is not None:
-        student.load_state_dict(best_state)
-        result.after = best
-    return result
+    def _epoch(self, epoch: int, progress: Any) -> dict[str, float]:
+        """Train one epoch; return its log entry (mean loss, and the validation metric)."""
+        o = self.o
+        self.model.train()
+        if o.freeze_bn:
+            for m in self.student.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        train = self.train_data
+        total = len(train) if hasattr(train, "__len__") else None  # type: ignore[arg-type]
+        task = progress.add_task(f"distill epoch {epoch + 1}/{o.epochs}", total=total)
+        running, seen = 0.0, 0
+        for batch in train:
+            loss = self._loss(batch)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            with torch.no_grad():
+                for p, keep in self.masks:
+                    p.mul_(keep)
+            running, seen = running + float(loss.detach()), seen + 1
+            progress.update(task, advance=1, description=_label(epoch, o.epochs, running / seen))
+        if self.sched is not None:
+            self.sched.step()
+        self.ranks.average_buffers(self.student)
+        metric = self._validate()
+        entry = {"epoch": epoch + 1, "loss": running / max(seen, 1)}
+        if metric is not None:
+            entry[metric[0]] = metric[1]
+            self._keep_best(epoch, metric[1])
+        self.result.history.append(entry)
+        progress.update(task, description=_label(epoch, o.epochs, entry["loss"], metric))
+        return entry
+
+    def _keep_best(self, epoch: int, value: float) -> None:
+        """Count epochs without improvement; keep the weights of the best (a tie: the
+        later weights win)."""
+        improved = self.best is None or value > self.best + 1e-9
+        self.bad = 0 if improved else self.bad + 1
+        if improved or value >= (self.best or 0.0) - 1e-9:
+            self.best = value
+            self.best_state = copy.deepcopy(self.student.state_dict())
+            self.result.best_epoch = epoch + 1
+
+    def _save(self, epoch: int) -> None:
+        self.ckpt.save(
+            {
+                "epoch": epoch + 1,
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict() if self.sched is not None else None,
+                "best": self.best,
+                "best_state": self.best_state,
+                "best_epoch": self.result.best_epoch,
+                "bad": self.bad,
+                "history": self.result.history,
+            }
+        )
+
+    def train(self, console: Any) -> FitResult:
+        """Run the remaining epochs (stopping early without progress), then restore the
+        best weights."""
+        o = self.o
+        first_epoch = self._start()
+        with _progress(console, o.progress and self.ranks.rank == 0) as progress:
+            for epoch in range(first_epoch, o.epochs):
+                self._epoch(epoch, progress)
+                self._save(epoch)
+                self.ranks.barrier()
+                if o.patience > 0 and self.bad >= o.patience and epoch + 1 < o.epochs:
+                    self.notes.append(
+                        f"stopped early after epoch {epoch + 1}: no better "
+                        f"{self.result.metric} for {o.patience} epochs"
+                    )
+                    break
+        self.result.epochs = len(self.result.history)
+        if self.best_state is not None:
+            self.student.load_state_dict(self.best_state)
+            self.result.after = self.best
+        return self.result
 
 
 def _check_runs(student: nn.Module, teacher: nn.Module, inputs: tuple[Any, ...]) -> None:

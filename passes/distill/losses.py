@@ -11,19 +11,19 @@ The objective is ``α·KD + β·feature + γ·CE`` plus any plugin loss the user
 * **CE**: cross-entropy of the student logits with the labels, when batches carry labels.
 
 Plugins add losses with the ``graphopt_register_distill_losses`` hook:
-``register("name", fn)`` where ``fn(batch: LossInputs) -> Tensor`` (a scalar).
+``register("name", fn)`` where ``fn(batch: graphopt.LossInputs) -> Tensor`` (a scalar).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphopt import GraphoptError, Registry, get_registry
+from graphopt import GraphoptError, LossFn, LossInputs
+from graphopt.pass_api import RegistryView
 
 __all__ = [
     "LossFn",
@@ -34,25 +34,6 @@ __all__ = [
     "kd_loss",
     "plugin_losses",
 ]
-
-
-@dataclass
-class LossInputs:
-    """What every distillation loss sees for one batch.
-
-    ``student_features[i]`` (already through its adapter) pairs with ``teacher_features[i]``;
-    ``target`` is the batch's labels, or None for unlabelled data.
-    """
-
-    student_logits: torch.Tensor
-    teacher_logits: torch.Tensor
-    student_features: Sequence[torch.Tensor]
-    teacher_features: Sequence[torch.Tensor]
-    target: torch.Tensor | None
-    temperature: float
-
-
-LossFn = Callable[[LossInputs], torch.Tensor]
 
 
 def _class_last(logits: torch.Tensor) -> torch.Tensor:
@@ -122,25 +103,19 @@ def adapter(student_shape: Sequence[int], teacher_shape: Sequence[int]) -> nn.Mo
     return None
 
 
-def plugin_losses(
-    names: Sequence[str], registry: Registry | None = None
-) -> list[tuple[LossFn, float]]:
-    """Resolve ``name`` or ``name:weight`` entries against the losses plugins registered
-    (in ``registry``, by default the process-wide one)."""
-    if not names:
-        return []
-    known = (registry or get_registry()).distill_losses
+def plugin_losses(names: Sequence[str], registry: RegistryView) -> list[tuple[LossFn, float]]:
+    """Resolve ``name`` or ``name:weight`` entries against the losses plugins registered in
+    ``registry`` (an unknown name is one sentence listing the known ones and naming any
+    plugin that failed to register its losses)."""
     chosen = []
     for entry in names:
         name, _, weight_text = entry.partition(":")
-        if name not in known:
-            names_known = ", ".join(sorted(known)) or "none are installed"
-            raise GraphoptError(f"unknown distillation loss '{name}'; plugin losses: {names_known}")
+        loss = registry.losses[name]
         try:
             weight = float(weight_text) if weight_text else 1.0
         except ValueError:
             raise GraphoptError(
                 f"loss weight in '{entry}' is not a number; write NAME or NAME:WEIGHT"
             ) from None
-        chosen.append((known[name], weight))
+        chosen.append((loss, weight))
     return chosen

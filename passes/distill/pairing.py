@@ -13,7 +13,6 @@ parameters (no forward hooks, so functional ops can be tapped too).
 
 from __future__ import annotations
 
-import fnmatch
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -158,7 +157,8 @@ def pair_nodes(
     (removed by a pass), so the caller can report them."""
     names = [n.name for n in teacher.graph.nodes if n.op not in ("placeholder", "output")]
     if patterns:
-        wanted = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        features = graphopt.NamePatterns(patterns)
+        wanted = [n for n in names if features.matches(n)]
         if not wanted:
             raise GraphoptError(
                 f"no teacher node matches features={list(patterns)}; give globs over the "

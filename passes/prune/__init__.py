@@ -222,13 +222,18 @@ class Prune(graphopt.Pass):
     @dataclass
     class Options:
         ratio: float = graphopt.option(
-            0.5, "fraction of each coupled group's channels to remove", check=lambda v: 0 <= v < 1
+            0.5,
+            "fraction of each coupled group's channels to remove",
+            ge=0,
+            lt=1,
+            what="a fraction",
         )
         target: float | None = graphopt.option(
             None,
             "fraction of the original MACs (or params, see metric) to keep; overrides ratio",
-            check=lambda v: v is None or 0 < v <= 1,
-            check_msg="a fraction in (0, 1]",
+            gt=0,
+            le=1,
+            what="a fraction",
         )
         metric: Literal["macs", "params"] = graphopt.option("macs", "what target measures")
         criterion: str = graphopt.option(
@@ -238,15 +243,13 @@ class Prune(graphopt.Pass):
             False, "rank channels across all layers instead of removing ratio in each"
         )
         max_layer_ratio: float = graphopt.option(
-            0.9, "most any one group may lose", check=lambda v: 0 < v < 1
+            0.9, "most any one group may lose", gt=0, lt=1, what="a fraction"
         )
         round_to: int = graphopt.option(
             8, "keep channel counts multiples of this (8 suits CPU SIMD and GPU tensor cores)",
-            check=lambda v: v >= 1,
+            ge=1,
         )  # fmt: skip
-        steps: int = graphopt.option(
-            1, "prune in this many steps, re-scoring in between", check=lambda v: v >= 1
-        )
+        steps: int = graphopt.option(1, "prune in this many steps, re-scoring in between", ge=1)
         ignore: list[str] = graphopt.option([], "node-name globs whose layers stay whole")
         heads: bool = graphopt.option(
             False,
@@ -258,7 +261,7 @@ class Prune(graphopt.Pass):
             0,
             "first drop this many residual blocks (y = x + f(x) becomes y = x), those adding "
             "least to the residual stream; ratio=0 drops blocks only",
-            check=lambda v: v >= 0,
+            ge=0,
         )
 
     def run(self, ir: GraphIR, ctx: PassContext) -> None:

@@ -18,7 +18,6 @@ gets a :class:`CriterionInput` and returns a :class:`Saliency`::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from graphopt import GraphIR, GraphoptError
+from graphopt import Criterion, CriterionInput, GraphoptError, Saliency, registry_in_effect
 
 from .deps import ChannelGraph
 
@@ -39,30 +38,6 @@ __all__ = [
 ]
 
 
-@dataclass
-class Saliency:
-    """Elementwise importance of parameters (by qualified name) and activations (by node)."""
-
-    params: dict[str, torch.Tensor] = field(default_factory=dict)
-    activations: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: when set, ``params`` holds raw weights ``w`` whose saliency is ``|w|**power``, taken
-    #: one tensor at a time while scoring (no elementwise copy of every weight at once)
-    power: float | None = None
-
-
-@dataclass
-class CriterionInput:
-    """What a criterion may look at: the IR, the parameters that matter, data, a seed."""
-
-    ir: GraphIR
-    params: dict[str, torch.Tensor]
-    activation_nodes: list[str]
-    data: Any
-    seed: int = 0
-    norm_params: set[str] = field(default_factory=set)
-
-
-Criterion = Callable[[CriterionInput], Saliency]
 _BUILTIN: dict[str, Criterion] = {}
 _EXTRA: dict[str, Criterion] = {}
 
@@ -74,20 +49,16 @@ def register_criterion(name: str, fn: Criterion) -> None:
 
 def criteria() -> dict[str, Criterion]:
     """Built-in criteria, those registered from Python, and those plugins contribute through
-    the ``graphopt_register_prune_criteria`` hook."""
+    the ``graphopt_register_prune_criteria`` hook (in the registry in effect, so that
+    ``-p no:NAME`` disables a plugin's criterion)."""
     found = {**_BUILTIN, **_EXTRA}
-
-    def register(name: str, fn: Criterion) -> None:
+    for name, fn in registry_in_effect().criteria.items():
         if name in found:
             raise GraphoptError(
                 f"pruning criterion '{name}' is registered twice; disable one of the plugins "
                 "with -p no:NAME"
             )
         found[name] = fn
-
-    from graphopt import get_registry
-
-    get_registry().pm.hook.graphopt_register_prune_criteria(register=register)
     return found
 
 

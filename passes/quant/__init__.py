@@ -47,7 +47,7 @@ from graphopt.manager import run_model
 
 from .convert import QParams, dynamic_int8, to_int8, to_qdq
 from .observers import activation_qparams, make_observer
-from .plan import Plan, Site, _matches, calibrate, input_batches, make_plan, record
+from .plan import Plan, Site, calibrate, input_batches, make_plan, record, skip_matches
 from .qat import to_qat, weights_from_qat
 
 __all__ = ["LayerSensitivity", "Quant", "QuantReport", "quant_report", "sqnr_db"]
@@ -121,8 +121,9 @@ class Quant(graphopt.Pass):
         percentile: float = graphopt.option(
             99.99,
             "percentile kept by observer=percentile",
-            check=lambda v: 50 < v <= 100,
-            check_msg="a percentile in (50, 100]",
+            gt=50,
+            le=100,
+            what="a percentile",
         )
         symmetric: bool = graphopt.option(False, "symmetric activations (zero point in the middle)")
         per_channel: bool = graphopt.option(True, "one weight scale per output channel")
@@ -132,9 +133,7 @@ class Quant(graphopt.Pass):
         onnx_int8: bool = graphopt.option(
             False, "form=qdq: signed int8 activations instead of uint8 (S8S8 in onnxruntime)"
         )
-        batches: int = graphopt.option(
-            32, "calibration batches to use at most", check=lambda v: v >= 1, check_msg="≥ 1"
-        )
+        batches: int = graphopt.option(32, "calibration batches to use at most", ge=1)
         skip: list[str] = graphopt.option([], "node or module name globs to keep in float")
         skip_types: list[str] = graphopt.option([], "module class names to keep in float")
         sensitivity: bool = graphopt.option(True, "measure each quantized op's output SQNR")
@@ -288,7 +287,9 @@ class Quant(graphopt.Pass):
                 f"quant(mode=dynamic) has only the int8 form, not form={opts.form}; drop form"
             )
         done = dynamic_int8(
-            ir, lambda n: _matches(n, ir, opts.skip, opts.skip_types), per_channel=opts.per_channel
+            ir,
+            lambda n: skip_matches(n, ir, opts.skip, opts.skip_types),
+            per_channel=opts.per_channel,
         )
         if not done:
             raise GraphoptError(

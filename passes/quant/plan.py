@@ -10,7 +10,6 @@ whose scale comes from calibration, and back through a dequantize.
 
 from __future__ import annotations
 
-import fnmatch
 import operator
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
@@ -21,11 +20,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from graphopt import GraphIR
+from graphopt import GraphIR, NamePatterns
 
 from .observers import Observer
 
-__all__ = ["Plan", "Site", "calibrate", "input_batches", "make_plan"]
+__all__ = ["Plan", "Site", "calibrate", "input_batches", "make_plan", "skip_matches"]
 
 LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 RELU_MODULES = (nn.ReLU,)
@@ -142,14 +141,16 @@ def is_passthrough(node: fx.Node, ir: GraphIR) -> bool:
     return node.op == "call_function" and node.target in PASS_FUNCTIONS
 
 
-def _matches(node: fx.Node, ir: GraphIR, names: Iterable[str], types: Iterable[str]) -> bool:
+def skip_matches(node: fx.Node, ir: GraphIR, names: Iterable[str], types: Iterable[str]) -> bool:
+    """Whether ``node`` is named by a ``skip`` glob (node name or module path) or its module
+    by a ``skip_types`` class name."""
     labels = [node.name]
     if node.op == "call_module":
         labels.append(str(node.target))
         cls = type(ir.module(node))
         if cls.__name__ in types or f"{cls.__module__}.{cls.__qualname__}" in types:
             return True
-    return any(fnmatch.fnmatchcase(label, p) for p in names for label in labels)
+    return NamePatterns(names).matches(*labels)
 
 
 def _site_of(node: fx.Node, ir: GraphIR) -> str | None:
@@ -202,7 +203,7 @@ def make_plan(ir: GraphIR, skip: Iterable[str], skip_types: Iterable[str]) -> Pl
         kind = _site_of(node, ir)
         if kind is not None and not _operands_fit(node, kind):
             kind = None
-        if kind is not None and _matches(node, ir, skip, skip_types):
+        if kind is not None and skip_matches(node, ir, skip, skip_types):
             plan.skipped.append(node.name)
             kind = None
         if kind is not None:

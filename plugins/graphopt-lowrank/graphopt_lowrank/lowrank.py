@@ -25,7 +25,6 @@ below ``r = in·out/(in + out)``; layers where the chosen rank saves nothing are
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -132,15 +131,17 @@ class LowRank(graphopt.Pass):
             None,
             "per layer, the smallest rank keeping this fraction of the squared singular values "
             f"({_DEFAULT_ENERGY} unless macs_ratio is given)",
-            check=lambda v: v is None or 0 < v <= 1,
-            check_msg="a fraction in (0, 1]",
+            gt=0,
+            le=1,
+            what="a fraction",
         )
         macs_ratio: float | None = graphopt.option(
             None,
             "per layer, the largest rank whose pair costs at most this fraction of the layer's "
             "MACs; replaces energy",
-            check=lambda v: v is None or 0 < v < 1,
-            check_msg="a fraction in (0, 1)",
+            gt=0,
+            lt=1,
+            what="a fraction",
         )
         layers: Literal["all", "linear", "conv"] = graphopt.option(
             "all", "which layer kinds to factor"
@@ -195,30 +196,19 @@ class LowRank(graphopt.Pass):
         """Layer modules to factor, each with its call sites (a shared module is factored once
         and every call uses the new pair)."""
         kinds = {"all": _LINEAR + _CONVS, "linear": _LINEAR, "conv": _CONVS}[self.options.layers]
-        patterns = list(self.options.ignore)
-        matched = dict.fromkeys(patterns, False)
+        ignore = graphopt.NamePatterns(self.options.ignore)
         sites: dict[str, list[torch.fx.Node]] = {}
         for node in ir.nodes(op="call_module"):
             layer = ir.module(node)
             if type(layer) not in kinds:
                 continue
-            hits = [
-                p
-                for p in patterns
-                if fnmatch.fnmatchcase(str(node.target), p) or fnmatch.fnmatchcase(node.name, p)
-            ]
-            matched.update(dict.fromkeys(hits, True))
-            reason = _unsupported(layer, node) or ("ignored" if hits else None)
+            ignored = ignore.matches(str(node.target), node.name)
+            reason = _unsupported(layer, node) or ("ignored" if ignored else None)
             if reason:
                 ctx.note(f"kept {node.target}: {reason}")
                 continue
             sites.setdefault(str(node.target), []).append(node)
-        unmatched = [p for p, hit in matched.items() if not hit]
-        if unmatched:
-            raise graphopt.GraphoptError(
-                f"lowrank ignore pattern '{unmatched[0]}' matches no Linear or conv layer; use a "
-                "module path or node name from 'graphopt inspect MODEL'"
-            )
+        ignore.check_all_used("lowrank", "Linear or conv layer")
         return sites
 
     def _plan(self, target: str, layer: Any) -> _Plan:
