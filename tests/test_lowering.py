@@ -187,3 +187,52 @@ def test_program_runner_matches_module(tmp_path, case) -> None:
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(got, model(*args))
+
+
+def test_an_existing_directory_named_like_a_file_is_refused_unless_the_path_ends_in_a_slash(
+    optimised, tmp_path, capsys
+):
+    """``-o out.pt`` where out.pt is a directory used to get the folder format written into
+    it without a word; now the suffix decides, and only a trailing slash asks for a folder."""
+    from conftest import run_main
+
+    from graphopt.lowering import check_output, pick_exporter
+
+    target = tmp_path / "out.pt"
+    target.mkdir()
+    with pytest.raises(graphopt.GraphoptError, match="is an existing directory, but its suffix"):
+        check_output(str(target), EXPORTERS)
+    run = run_main(capsys, "optimize", "torchvision:resnet18", "--input-shape", "1,3,32,32",
+                   "--passes", "cleanup", "-o", str(target))  # fmt: skip
+    assert run.code == 2 and "end the path with '/'" in run.stderr
+    assert list(target.iterdir()) == []  # refused before any work: nothing written
+    assert pick_exporter(str(target) + "/", EXPORTERS).name == "folder"
+    lower(optimised.ir.gm, optimised.ir.example_inputs, str(target) + "/", {}, EXPORTERS)
+    assert (target / "model.py").exists() and (target / "weights.pt").exists()
+    (tmp_path / "plain").mkdir()
+    assert pick_exporter(str(tmp_path / "plain"), EXPORTERS).name == "folder"
+    assert pick_exporter(str(tmp_path / "new.pt"), EXPORTERS).name == "pt"
+
+
+class _DataDependentGate(torch.nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x - 1
+
+
+def test_error_text_carries_no_terminal_escape_codes(tmp_path):
+    """A real failure whose message torch colours: the ONNX exporter's 'step 1/3' when
+    torch.export cannot export a module fx kept opaque."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), _DataDependentGate()).eval()
+    ir = graphopt.trace(model, (torch.randn(2, 4),), leaf_modules=["_DataDependentGate"])
+    with pytest.raises(Exception) as raw:
+        torch.onnx.export(ir.gm, ir.example_inputs, dynamo=True, verbose=False)
+    assert "\x1b[" in str(raw.value)  # torch's own message is coloured
+    with pytest.raises(graphopt.GraphoptError) as info:
+        lower(ir.gm, ir.example_inputs, str(tmp_path / "m.onnx"), {}, EXPORTERS)
+    text = str(info.value)
+    assert "This is step 1/3 of exporting the model to ONNX" in text and "\x1b" not in text
+    assert graphopt.errors.first_line(raw.value) == (
+        "Failed to export the model with torch.export. This is step 1/3 of exporting the "
+        "model to ONNX. Next steps:"
+    )
+    assert not list(tmp_path.iterdir())

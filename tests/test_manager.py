@@ -204,3 +204,46 @@ def test_output_may_be_a_path(tmp_path):
         model, "cleanup", example_inputs=(torch.randn(1, 4),), output=tmp_path / "m.pt2"
     )
     assert (tmp_path / "m.pt2").is_file() and result.ledger[-1].rel_err == 0.0
+
+
+def test_reproducer_without_a_folder_goes_to_the_temporary_directory_and_skips_large_weights(
+    registry, block, block_input, tmp_path, monkeypatch
+):
+    """Nobody asked for it: it goes to the temporary directory, keeps the model weights only
+    up to a size, and the one-line message says where it went and how large it is."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ir = GraphIR.trace(block, block_input)
+    weights = sum(t.numel() * t.element_size() for t in block.state_dict().values())
+    small = PassManager("cleanup,crash", registry=registry, reproducer_limit=weights // 2)
+    with pytest.raises(graphopt.PassCrash) as info:
+        small.run(ir)
+    bundle = info.value.bundle
+    assert bundle and os.path.dirname(bundle) == str(tmp_path)
+    files = set(os.listdir(bundle))
+    assert {"input_model.py", "before_pass.py", "inputs.pt", "README.txt"} <= files
+    assert not {"input_model.pt", "before_pass.pt"} & files
+    size = sum(os.path.getsize(os.path.join(bundle, f)) for f in files)
+    message = str(info.value)
+    assert "\n" not in message and "; a reproducer (" in message
+    assert f"was written to {bundle}; the fault is in the plugin" in message  # a test plugin
+    assert f"a reproducer ({graphopt.manager.human_bytes(size)}, without the model weights" in (
+        message
+    )
+    assert "keep them with --reproducer DIR" in message
+    assert "--reproducer DIR" in Path(bundle, "README.txt").read_text()
+
+    large = PassManager("cleanup,crash", registry=registry)  # a small model keeps its weights
+    with pytest.raises(graphopt.PassCrash) as info:
+        large.run(ir)
+    assert {"input_model.pt", "before_pass.pt"} <= set(os.listdir(info.value.bundle))
+    assert "without the model weights" not in str(info.value)
+
+    asked = tmp_path / "asked"
+    asked.mkdir()
+    chosen = PassManager("crash", registry=registry, repro_dir=str(asked), reproducer_limit=1)
+    with pytest.raises(graphopt.PassCrash) as info:
+        chosen.run(ir)
+    assert os.path.dirname(info.value.bundle) == str(asked)  # asked for: weights whatever size
+    assert {"input_model.pt", "before_pass.pt"} <= set(os.listdir(info.value.bundle))

@@ -385,3 +385,23 @@ def test_a_loss_that_raises_blames_the_plugin(installed, monkeypatch):
                 losses=["faulty-zero"], registry=reg)  # fmt: skip
     assert str(info.value).startswith("distillation loss 'faulty-zero' of plugin 'faulty'")
     _advice(str(info.value))
+
+
+def test_a_plugins_pass_crashing_from_the_cli_names_the_plugin_and_the_reproducer(site, tmp_path):
+    folder = tmp_path / "repro"
+    out = tmp_path / "m.pt"
+    run = run_graphopt(
+        "optimize", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--passes",
+        "cleanup,mirror", "-o", str(out), "--reproducer", str(folder),
+        env={"PYTHONPATH": str(site), "FAULTY_BREAK": "run"},
+    )  # fmt: skip
+    assert run.code == 1 and not out.exists()
+    (error,) = run.stderr.strip().splitlines()
+    (bundle,) = folder.iterdir()
+    assert error.startswith(
+        "error: pass 'mirror' of plugin 'faulty' crashed with ValueError: mirror exploded; a "
+        "reproducer ("
+    )
+    assert f"was written to {bundle};" in error and "without the model weights" not in error
+    _advice(error)
+    assert {"input_model.pt", "before_pass.pt", "README.txt"} <= {p.name for p in bundle.iterdir()}
