@@ -276,18 +276,17 @@ def optimize(
 
 
 def _reproducer_dir(path: str | None) -> str | None:
-    """``--reproducer DIR``: created now, so that a crash finds it writable."""
+    """``--reproducer DIR``: refused now if it could not be made (it is made on a crash)."""
     if path is None:
         return None
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
         raise GraphoptError(
-            f"cannot create the reproducer folder '{path}' ({exc.strerror}); give a writable "
-            "--reproducer DIR"
-        ) from None
-    if not os.access(path, os.W_OK):
-        raise GraphoptError(f"the reproducer folder '{path}' is not writable; give another one")
+            f"cannot write a reproducer into '{path}': '{existing}' is not a writable "
+            "directory; give another --reproducer DIR"
+        )
     return path
 
 

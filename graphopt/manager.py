@@ -319,6 +319,7 @@ class PassManager:
         weights = sum(weights_bytes(gm) for gm in models.values())
         keep = asked or weights <= self.reproducer_limit
         try:
+            os.makedirs(parent, exist_ok=True)
             root = tempfile.mkdtemp(prefix=f"graphopt-repro-{p.name}-{stamp}-", dir=parent)
             for name, gm in models.items():
                 if keep:

@@ -203,9 +203,11 @@ def test_an_existing_directory_named_like_a_file_is_refused_unless_the_path_ends
     with pytest.raises(graphopt.GraphoptError, match="is an existing directory, but its suffix"):
         check_output(str(target), EXPORTERS)
     run = run_main(capsys, "optimize", "torchvision:resnet18", "--input-shape", "1,3,32,32",
-                   "--passes", "cleanup", "-o", str(target))  # fmt: skip
+                   "--passes", "cleanup", "-o", str(target),
+                   "--reproducer", str(tmp_path / "repro"))  # fmt: skip
     assert run.code == 2 and "end the path with '/'" in run.stderr
     assert list(target.iterdir()) == []  # refused before any work: nothing written
+    assert not (tmp_path / "repro").exists()
     assert pick_exporter(str(target) + "/", EXPORTERS).name == "folder"
     lower(optimised.ir.gm, optimised.ir.example_inputs, str(target) + "/", {}, EXPORTERS)
     assert (target / "model.py").exists() and (target / "weights.pt").exists()
