@@ -40,6 +40,13 @@ def graphopt_register_prune_criteria(register: Any) -> None:
 
 
 @hookspec
+def graphopt_register_prune_rules(register: Any) -> None:
+    """Teach the ``prune`` pass new ops: call ``register(rule)`` with an ``OpRule`` (see
+    ``graphopt.passes.prune.ops``) saying how the op couples channels and how it is resized;
+    ``register(rule, replace=True)`` overrides a built-in rule for the same op."""
+
+
+@hookspec
 def graphopt_register_commands(app: Any) -> None:
     """Contribute CLI subcommands: decorate functions with ``@app.command()`` on the given
     ``typer.Typer``; they appear beside graphopt's own commands."""

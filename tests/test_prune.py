@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from conftest import randomize_bn
-from graphopt.passes.prune import Prune, analyse
+from graphopt.passes.prune import OpRule, Prune, analyse
+from graphopt.passes.prune.ops import BUILTIN_RULES
 from graphopt.passes.prune.plan import Selector
 from graphopt.passes.prune.pruner import apply_removal, keep_masks
+from graphopt.passes.prune.report import frozen_report
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -29,9 +31,9 @@ from graphopt import GraphIR, GraphoptError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def plan(model: nn.Module, x: torch.Tensor, ratio: float = 0.5, seed: int = 0, ignore=(), **kw):
+def plan(model: nn.Module, x: torch.Tensor, ratio=0.5, seed=0, ignore=(), leaf_modules=(), **kw):
     """Trace, analyse and choose a random removal of ``ratio`` of every group."""
-    ir = GraphIR.trace(model, (x,))
+    ir = GraphIR.trace(model, (x,), leaf_modules=leaf_modules)
     g = analyse(ir, ignore, **kw)
     scores = np.random.default_rng(seed).random(len(g.prunable))
     sel = Selector(g, scores, round_to=1, max_layer_ratio=0.9, global_rank=False)
@@ -62,7 +64,7 @@ def assert_exact(
     lost output channels. Returns the pruned IR."""
     model = model.eval()
     ir, g, removed = plan(model, x, ratio, seed, **kw)
-    assert removed.any(), g.frozen_report()
+    assert removed.any(), frozen_report(g)
     zero_removed(g, removed)
     with torch.no_grad():
         want = ir.gm(x)
@@ -462,6 +464,79 @@ def test_pass_is_registered() -> None:
     assert graphopt.get_registry().pass_class("prune") is Prune
 
 
+# -- op rules -------------------------------------------------------------------------------
+
+
+class ChannelScale(nn.Module):
+    """A plugin's own layer, kept opaque when traced: one learned scale per channel."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+
+    def forward(self, x):
+        return x * self.weight.view(1, -1, 1, 1)
+
+
+class ScaleRule(OpRule):
+    """What the plugin tells prune about its layer."""
+
+    modules = (ChannelScale,)
+
+    def link(self, g, node):
+        g.identity(node.args[0], node)  # channels pass through in order
+        g.link(g.key(node, 1), g.param_key(str(node.target), "weight", 0))
+
+    def resize(self, node, sizes):
+        sizes.module(node).channels = sizes.dim(node, 1)
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 16)
+        self.s = ChannelScale(16)
+        self.b = nn.Conv2d(16, 8, 3)
+
+    def forward(self, x):
+        return self.b(self.s(self.a(x)))
+
+
+def test_plugin_rule_teaches_prune_a_new_module(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(Scaled(), 0).eval()
+    x = image()
+    ir = GraphIR.trace(model, (x,), leaf_modules=["ChannelScale"])
+    g = analyse(ir)
+    assert not g.prunable.any()  # no rule for the layer: its channels (and a's) stay whole
+    assert any("does not know how module ChannelScale" in line for line in frozen_report(g))
+
+    class Plugin:
+        @graphopt.hookimpl
+        def graphopt_register_prune_rules(self, register):
+            register(ScaleRule())
+
+    registry = graphopt.load_registry(extra=[Plugin()])
+    monkeypatch.setattr(graphopt, "get_registry", lambda *a, **k: registry)
+    builtin = len(BUILTIN_RULES)
+    pruned = assert_exact(model, x, ["a.0"], leaf_modules=["ChannelScale"])
+    assert len(BUILTIN_RULES) == builtin  # the plugin extended a copy
+    kept = pruned.gm.get_submodule("a.0").out_channels
+    assert kept == 8 and pruned.gm.s.channels == pruned.gm.s.weight.shape[0] == kept
+
+
+def test_rule_sets_refuse_a_second_claim_unless_replacing() -> None:
+    class Other(OpRule):
+        functions = (torch.add,)
+
+    with pytest.raises(GraphoptError, match=r"both claim torch\..*add; register the second"):
+        BUILTIN_RULES.extended([Other()])
+    replaced = BUILTIN_RULES.extended([Other()], replace=True)
+    assert isinstance(replaced.for_function(torch.add), Other)
+    assert not isinstance(BUILTIN_RULES.for_function(torch.add), Other)
+
+
 # -- criteria ---------------------------------------------------------------------------------
 
 
@@ -760,7 +835,17 @@ def test_torchvision_half_the_macs(name: str) -> None:
 
 # -- random architectures ---------------------------------------------------------------------
 
-KINDS = ("conv", "depthwise", "residual", "concat", "split", "chunk", "shuffle", "gate")
+KINDS = (
+    "conv",
+    "depthwise",
+    "residual",
+    "concat",
+    "split",
+    "chunk",
+    "shuffle",
+    "gate",
+    "transposed",
+)
 
 
 class RandomNet(nn.Module):
@@ -1004,17 +1089,17 @@ def _move_chains(draw) -> tuple[list[int], list[tuple[str, tuple]]]:
 
 def _both_ways(model: nn.Module, x: torch.Tensor) -> tuple:
     """The analysis of ``model`` with moves mapped from shapes, and by coordinates only."""
-    from graphopt.passes.prune import deps
+    from graphopt.passes.prune.ops import movement
 
     ir = GraphIR.trace(model, (x,))
     ir.analysis("shapes")
-    by_shape = deps.analyse(ir)
-    original = deps.ChannelGraph._move_by_shape
-    deps.ChannelGraph._move_by_shape = lambda self, node, **kw: False  # type: ignore[method-assign]
+    by_shape = analyse(ir)
+    original = movement.link_by_shape
+    movement.link_by_shape = lambda g, node, **kw: False  # type: ignore[assignment]
     try:
-        by_coordinates = deps.analyse(ir)
+        by_coordinates = analyse(ir)
     finally:
-        deps.ChannelGraph._move_by_shape = original  # type: ignore[method-assign]
+        movement.link_by_shape = original
     return _canonical(by_shape), _canonical(by_coordinates)
 
 
@@ -1033,19 +1118,19 @@ def test_flatten_modules_mapped_from_shapes_agree_with_coordinates() -> None:
         nn.Conv2d(3, 12, 1), nn.Unflatten(1, (3, 4)), nn.Flatten(1, 2), nn.Flatten(2),
         nn.Unflatten(2, (2, 8)), nn.Flatten(), nn.Linear(12 * 16, 5),
     )  # fmt: skip
-    from graphopt.passes.prune import deps
+    from graphopt.passes.prune.ops import movement
 
     handled = []
-    original = deps.ChannelGraph._move_by_shape
+    original = movement.link_by_shape
 
-    def spy(self, node, **kw):
-        handled.append((node.op, original(self, node, **kw)))
+    def spy(g, node, **kw):
+        handled.append((node.op, original(g, node, **kw)))
         return handled[-1][1]
 
-    deps.ChannelGraph._move_by_shape = spy  # type: ignore[method-assign]
+    movement.link_by_shape = spy  # type: ignore[assignment]
     try:
         by_shape, by_coordinates = _both_ways(model, torch.randn(1, 3, 4, 4))
     finally:
-        deps.ChannelGraph._move_by_shape = original  # type: ignore[method-assign]
+        movement.link_by_shape = original
     assert handled.count(("call_module", True)) == 5
     assert by_shape == by_coordinates

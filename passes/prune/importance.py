@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from graphopt import GraphIR, GraphoptError
 
-from .deps import ChannelGraph
+from .graph import ChannelGraph
 
 __all__ = [
     "CriterionInput",
@@ -210,7 +210,6 @@ def _loss(out: Any, target: Any) -> torch.Tensor:
 
 def atom_scores(g: ChannelGraph, sal: Saliency) -> np.ndarray:
     """Score per component (NaN where nothing scored it), aggregated over coupled dims."""
-    assert g.comp is not None and g.prunable is not None
     ncomp = len(g.prunable)
     # the scored dims of each saliency map, so that each map is prepared once
     dims_of: dict[tuple[str, str], list[tuple[int, np.ndarray]]] = {}
@@ -256,7 +255,6 @@ def scorer(
         raise GraphoptError(
             f"unknown pruning criterion '{criterion}'; choose one of {', '.join(sorted(table))}"
         )
-    assert g.comp is not None and g.prunable is not None
     # the weights of layers (their rows and columns) and normalisation scales: biases and
     # running statistics say little about a channel's importance
     weights = {k[1] for k in g.producers | g.consumers | g.norm_scales}
