@@ -292,6 +292,28 @@ class Functional(nn.Module):
         return F.linear(F.relu(x), self.w3)
 
 
+class Decoder(nn.Module):
+    """A U-Net-style decoder: strided convs down, transposed convs up (grouped, depthwise,
+    and a functional grouped one), a skip concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down1 = cbr(3, 16, stride=2)  # 8 -> 4
+        self.down2 = cbr(16, 32, stride=2)  # 4 -> 2
+        self.up1 = nn.ConvTranspose2d(32, 16, 2, stride=2, groups=4)  # 2 -> 4
+        self.fuse = cbr(32, 16)  # cat(up1, down1)
+        self.up2 = nn.ConvTranspose2d(16, 16, 4, stride=2, padding=1, groups=16)  # 4 -> 8
+        self.w = nn.Parameter(torch.randn(16, 2, 3, 3) * 0.3)  # (in, out / groups, k, k)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        d1 = self.down1(x)
+        u = self.fuse(torch.cat([self.up1(self.down2(d1)), d1], 1))
+        u = F.relu(self.up2(u))
+        u = F.relu(F.conv_transpose2d(u, self.w, padding=1, groups=8))
+        return self.head(u)
+
+
 def image(n: int = 2, c: int = 3, s: int = 8) -> torch.Tensor:
     return torch.randn(n, c, s, s, generator=torch.Generator().manual_seed(1))
 
@@ -313,6 +335,7 @@ PATTERNS = {
     "attention via sdpa": (lambda: HandAttention(sdpa=True), tokens, ["embed", "qkv"]),
     "channels last": (ChannelsLast, image, ["stem", "dw", "pw1", "pw2"]),
     "functional parameters": (Functional, image, []),
+    "transposed convs (decoder)": (Decoder, image, ["down1.0", "down2.0", "up1", "fuse.0", "up2"]),
 }
 
 
@@ -833,6 +856,36 @@ def test_torchvision_half_the_macs(name: str) -> None:
         assert result.ir.gm(x).shape == model(x).shape == (1, 1000)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", [True, False])
+def test_timm_lowformer_transposed_convs(fused: bool) -> None:
+    """timm's LowFormer upsamples its strided attention with a ConvTranspose2d (plain in its
+    released configuration, depthwise with ``fused_conv=False``) and crops the result to
+    sizes read from its input (``o[..., :H, :W]``). Zeroed channels removed leave the output
+    unchanged (its classifier's LayerNorm, which renormalises, ignored), and
+    prune(target=0.5) keeps half the MACs."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("lowformer_b0", pretrained=False, fused_conv=fused)
+    model = randomize_bn(model, 0).eval()
+    x = image(1, 3, 64)
+    assert_exact(model, x, ["stem.0.conv"], atol=1e-4, ignore=["pre_classifier_1"])
+    result = graphopt.optimize(model, "prune(target=0.5)", example_inputs=(x,))
+    before, after = result.ledger[0], result.ledger[-1]
+    assert after.macs / before.macs == pytest.approx(0.5, abs=0.05)
+    assert not any("transposed" in line for line in after.notes), after.notes
+    ups = [n for n, m in model.named_modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert len(ups) == 7
+    for name in ups:
+        old, new = model.get_submodule(name), result.ir.gm.get_submodule(name)
+        if fused:  # its input is the attention's inner width, which halves
+            assert new.in_channels < old.in_channels and new.out_channels == new.weight.shape[1]
+        else:  # depthwise on the residual stream, which GroupNorm1 (one group) keeps whole
+            assert new.groups == new.in_channels == new.out_channels == old.groups
+    with torch.no_grad():
+        assert result.ir.gm(x).shape == model(x).shape == (1, 1000)
+
+
 # -- random architectures ---------------------------------------------------------------------
 
 KINDS = (
@@ -865,6 +918,11 @@ class RandomNet(nn.Module):
                 c = width
             elif kind == "depthwise":
                 layer["a"] = cbr(c, c, groups=c)
+            elif kind == "transposed":
+                g = groups if c % groups == 0 and width % groups == 0 else 1
+                up = nn.ConvTranspose2d(c, width, 3, padding=1, groups=g)
+                layer["a"] = nn.Sequential(up, nn.BatchNorm2d(width), nn.ReLU())
+                c = width
             elif kind == "residual":
                 layer["a"], layer["b"] = cbr(c, width), nn.Conv2d(width, c, 1)
             elif kind == "concat":
@@ -880,7 +938,7 @@ class RandomNet(nn.Module):
     def forward(self, x):
         x = self.stem(x)
         for kind, layer in zip(self.kinds, self.layers, strict=True):
-            if kind in ("conv", "depthwise"):
+            if kind in ("conv", "depthwise", "transposed"):
                 x = layer["a"](x)
             elif kind == "residual":
                 x = x + layer["b"](layer["a"](x))

@@ -20,20 +20,22 @@ from .base import OpRule, Resize, concrete
 
 __all__ = ["Conv", "Embedding", "Linear"]
 
+_TRANSPOSED = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+
 
 class Conv(OpRule):
-    """Convolutions, 1-3 d, transposed or not.
+    """Convolutions, 1-3 d, transposed or not, any groups.
 
     Without groups, input channels tie to the weight's input dimension and output channels
     to its output dimension (``(out, in, k…)``, or ``(in, out, k…)`` when transposed). With
     groups, whole groups go together: input group ``k``, output group ``k`` and the weight
-    rows of group ``k``; ``groups`` shrinks with them. Grouped transposed convolutions are
-    not mapped. Spatial dims are mixed.
+    rows of group ``k`` (output channels, or input channels when transposed, whose weight
+    is ``(in, out/groups, k…)``); ``groups`` shrinks with them. Spatial dims are mixed.
     """
 
     modules = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                nn.ConvTranspose3d)  # fmt: skip
-    functions = (F.conv1d, F.conv2d, F.conv3d)
+    functions = (F.conv1d, F.conv2d, F.conv3d, *_TRANSPOSED)
 
     def link(self, g: ChannelGraph, node: fx.Node) -> None:
         x = node_arg(node)
@@ -48,7 +50,7 @@ class Conv(OpRule):
         weight = g.weight_key(arg(node, 1, "weight"), 0)
         groups = int(concrete(arg(node, 6, "groups", 1)))
         bias = g.attr_key(arg(node, 2, "bias"), 0)
-        _conv_like(g, node, x, weight, bias, groups)
+        _conv_like(g, node, x, weight, bias, groups, node.target in _TRANSPOSED)
 
     def resize(self, node: fx.Node, sizes: Resize) -> None:
         if node.op != "call_module":
@@ -60,6 +62,9 @@ class Conv(OpRule):
         m = sizes.module(node)
         assert isinstance(m, _ConvNd)
         if m.transposed:
+            if m.groups > 1:
+                per_group_in = m.in_channels // m.groups
+                m.groups = m.weight.shape[0] // per_group_in
             m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
             return
         x = node_arg(node)
@@ -76,15 +81,15 @@ class Conv(OpRule):
         if node.op == "call_module":
             m = g.module(node)
             assert isinstance(m, _ConvNd)
-            if m.groups != 1 or m.transposed:
+            if m.groups != 1:
                 return None
-            return ("p", f"{node.target}.weight", 1)
+            return ("p", f"{node.target}.weight", 0 if m.transposed else 1)
         weight = arg(node, 1, "weight")
         if arg(node, 6, "groups", 1) != 1 or not (
             isinstance(weight, fx.Node) and weight.op == "get_attr"
         ):
             return None
-        return ("p", str(weight.target), 1)
+        return ("p", str(weight.target), 0 if node.target in _TRANSPOSED else 1)
 
 
 def _conv_like(
@@ -108,9 +113,6 @@ def _conv_like(
     if cd == 1:
         g.link(g.key(x, 0), g.key(node, 0))
     in_dim, out_dim = (0, 1) if transposed else (1, 0)
-    if transposed and groups != 1:
-        g.freeze_node(node, "grouped transposed convolutions are not mapped")
-        return
     c_out = out.shape[cd]
     if groups == 1:
         g.link(g.key(x, cd), wk(in_dim))
@@ -119,10 +121,11 @@ def _conv_like(
         made = wk(out_dim)
     else:
         # whole groups go together: input group k, output group k, weight rows of group k
+        # (the rows are output channels, or input channels when transposed)
         ci, co = vx.shape[cd] // groups, c_out // groups
         g.link(g.key(x, cd), g.key(node, cd), None, (np.arange(vx.shape[cd]) // ci) * co)
         g.link(g.key(node, cd), g.key(node, cd), None, (np.arange(c_out) // co) * co)
-        g.link(g.key(node, cd), wk(0))
+        g.link(g.key(x if transposed else node, cd), wk(0))
         made = wk(0)
     if b is not None:
         g.link(g.key(node, cd), b)

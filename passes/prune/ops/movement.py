@@ -259,8 +259,11 @@ def link_by_coordinates(
         fn = lambda c: _call(node, c)  # noqa: E731
     vin, vout = val(src), val(node)
     if node.target is operator.getitem:
-        for d in _strided_dims(node.args[1], vin.dim()):
+        strided, computed = _unresizable_slices(node.args[1], vin.dim())
+        for d in strided:
             g.freeze(g.key(src, d), node, "a strided slice cannot be re-sliced")
+        for d in computed:
+            g.freeze(g.key(src, d), node, "a slice bound computed in the graph cannot be rewritten")
     if vin.dim() == 0 or vout.dim() == 0:
         return
     coords = [
@@ -376,19 +379,26 @@ def _has_tensor_index(index: Any) -> bool:
     return False
 
 
-def _strided_dims(index: Any, rank: int) -> list[int]:
-    """Source dims an index slices with a step other than 1."""
+def _unresizable_slices(index: Any, rank: int) -> tuple[list[int], list[int]]:
+    """Source dims an index slices with a step other than 1, and those it slices with a
+    bound computed in the graph (``x[..., :h]`` with ``h = y.shape[2]``)."""
     items = index if isinstance(index, tuple) else (index,)
     explicit = sum(1 for it in items if it is not None and it is not Ellipsis)
-    dims, d = [], 0
+    strided, computed, d = [], [], 0
     for it in items:
         if it is Ellipsis:
             d += rank - explicit
         elif it is not None:
             if isinstance(it, slice) and it.step not in (None, 1):
-                dims.append(d)
+                strided.append(d)
+            if isinstance(it, slice) and not _literal(it):
+                computed.append(d)
             d += 1
-    return dims
+    return strided, computed
+
+
+def _literal(s: slice) -> bool:
+    return all(b is None or isinstance(b, int) for b in (s.start, s.stop, s.step))
 
 
 # -- rewriting size arguments -------------------------------------------------------------------
@@ -436,7 +446,8 @@ def _rewrite_index(node: fx.Node, sizes: Resize) -> None:
         if it is None:
             new_items.append(it)
             continue
-        if isinstance(it, slice) and (it.start is not None or it.stop is not None):
+        if isinstance(it, slice) and (it.start is not None or it.stop is not None) and _literal(it):
+            # (a computed bound's dim was frozen by the analysis: it keeps its size)
             size = val(src).shape[d]
             start, stop, _ = it.indices(size)
             it = slice(
