@@ -41,6 +41,7 @@ from torch.nn.utils import parametrize
 
 import graphopt
 from graphopt import GraphIR, GraphoptError, PassContext
+from graphopt.fxutil import arg, set_arg
 from graphopt.ir import fetch, free_name, store_tensor
 
 __all__ = ["Fold"]
@@ -136,7 +137,7 @@ _NOT_CONSTANT = object()
 _ERASABLE = ("get_attr", "call_function", "call_method")
 
 
-def _frozen_bn_type() -> type | None:
+def _frozen_bn_type() -> type[nn.Module] | None:
     try:
         from torchvision.ops.misc import FrozenBatchNorm2d
     except ImportError:  # torchvision is optional for this pass
@@ -217,16 +218,17 @@ def _label(node: fx.Node) -> str:
 
 
 def _arg(node: fx.Node, names: Sequence[str], name: str, default: Any = None) -> Any:
-    i = names.index(name)
-    return node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
+    return arg(node, names.index(name), name, default)
 
 
 def _set_arg(node: fx.Node, names: Sequence[str], name: str, value: Any) -> None:
-    i = names.index(name)
-    if i < len(node.args):
-        node.args = (*node.args[:i], value, *node.args[i + 1 :])
-    else:
-        node.kwargs = {**node.kwargs, name: value}
+    set_arg(node, names.index(name), name, value)
+
+
+def _tensor(m: nn.Module, name: str) -> torch.Tensor | None:
+    """A module's parameter or buffer ``name`` (None if it has none)."""
+    value = getattr(m, name, None)
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _has_hooks(m: nn.Module) -> bool:
@@ -389,7 +391,8 @@ class Fold(graphopt.Pass):
             if m.running_mean is None:
                 return _NO_STATS
             training = bool(is_bn and m.training)
-            stats = (m.running_mean, m.running_var, m.weight, m.bias, m.eps)
+            kept = ("running_mean", "running_var", "weight", "bias")
+            stats: tuple[Any, ...] = (*(_tensor(m, k) for k in kept), m.eps)
             data = node.args[0] if node.args else node.kwargs.get("input")
             rank = 4 if is_frozen else next((r for c, r in _BN_RANK if isinstance(m, c)), None)
         elif node.op == "call_function" and node.target is F.batch_norm:
@@ -575,22 +578,24 @@ class Fold(graphopt.Pass):
                 return None
             if _has_hooks(m):
                 return "has hooks or parametrizations that folding would drop"
-            return _Layer(node, *kind, m.weight, m.bias, getattr(m, "groups", 1), module=m)
+            weight = _tensor(m, "weight")
+            assert weight is not None
+            groups = getattr(m, "groups", 1)
+            return _Layer(node, *kind, weight, _tensor(m, "bias"), groups, module=m)
         if node.op != "call_function" or node.target not in _FUNCTIONAL_LAYERS:
             return None
-        kind, spatial, names = _FUNCTIONAL_LAYERS[node.target]
+        kind_name, spatial, names = _FUNCTIONAL_LAYERS[node.target]
         weight, bias = _arg(node, names, "weight"), _arg(node, names, "bias")
         stored = [a for a in (weight, bias) if a is not None]
         if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in stored):
             return "computes its weight or bias in the graph instead of storing it"
-        groups = _arg(node, names, "groups", 1) if kind != "linear" else 1
+        groups = _arg(node, names, "groups", 1) if kind_name != "linear" else 1
         if not isinstance(groups, int):
             return "has a computed number of groups"
         # fetched afresh, not memoised: an earlier fold may have rewritten them
-        values = [
-            fetch(self.ir.gm, str(a.target)) if a is not None else None for a in (weight, bias)
-        ]
-        return _Layer(node, kind, spatial, values[0], values[1], groups, argnames=names)
+        w = fetch(self.ir.gm, str(weight.target))
+        b = fetch(self.ir.gm, str(bias.target)) if bias is not None else None
+        return _Layer(node, kind_name, spatial, w, b, groups, argnames=names)
 
     def _erase_dead(self, nodes: Iterable[fx.Node]) -> None:
         """Erase the given nodes, and what only they used, once nothing uses them; drop the
