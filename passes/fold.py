@@ -7,6 +7,8 @@ BatchNorm node then disappears. Handled:
 
 * ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` (grouped too) and ``Linear`` followed by a
   BatchNorm, as modules or as functional calls (``F.conv2d``, ``F.linear``, ``F.batch_norm``);
+* a BatchNorm after ``torch.cat`` along the channels of such layers' outputs: each layer
+  takes its slice (all or none: a part from anything else leaves the BatchNorm whole);
 * every ``_BatchNorm`` module (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``), torchvision's
   ``FrozenBatchNorm2d`` kept as a leaf, and, with ``elementwise``, a multiply/add/subtract/
   divide by a per-channel constant, which is what a traced ``FrozenBatchNorm2d`` becomes;
@@ -133,6 +135,7 @@ _PURE_METHODS = {
     "clone",
 }
 _AFFINE_OPS = _MUL | _ADD | _SUB | _DIV
+_CAT = {torch.cat, torch.concat, torch.concatenate}
 _NOT_CONSTANT = object()
 _ERASABLE = ("get_attr", "call_function", "call_method")
 
@@ -199,6 +202,10 @@ class _Layer:
             dil = dilation if isinstance(dilation, Sequence) else [dilation] * len(kernel)
             return any(d * (k - 1) for d, k in zip(dil, kernel, strict=True))
         return any(p != 0 for p in (padding if isinstance(padding, Sequence) else [padding]))
+
+
+#: one input of a concatenation: its node, its layer (or why it has none), its channel count
+_Part = tuple[fx.Node, _Layer | str, int]
 
 
 @dataclass
@@ -425,10 +432,11 @@ class Fold(graphopt.Pass):
     # -- folding after a layer --------------------------------------------------------------
 
     def _fold_into_previous(self, norm: _Norm) -> bool:
-        """Fold ``norm`` into the layer producing its input; False if no layer produces it."""
+        """Fold ``norm`` into the layer producing its input, or into the layers whose outputs
+        its input concatenates; False if no layer produces it."""
         layer = self._as_layer(norm.input)
         if layer is None:
-            return False
+            return self._fold_into_parts(norm)
         why = self._why_not_after(layer, norm.node) or self._why_not_normalised(layer, norm)
         if why or not isinstance(layer, _Layer):
             self.ctx.note(f"kept {_label(norm.node)}: {_label(norm.input)} {why}")
@@ -466,10 +474,92 @@ class Fold(graphopt.Pass):
             )
         return None
 
+    def _fold_into_parts(self, norm: _Norm) -> bool:
+        """Fold ``norm`` after ``torch.cat`` along the channels, slice by slice, into the
+        layers producing the parts; False if no part comes from a layer. Only whole: when
+        any part cannot take its slice, the BatchNorm stays as it is (see docs/passes/fold.md)."""
+        cat = norm.input
+        parts = self._parts(cat)
+        if parts is None:
+            return False
+        why = self._why_not_parts(cat, parts, norm)
+        if why is not None:
+            self.ctx.note(f"kept {_label(norm.node)}: {why}")
+            return True
+        c = sum(width for _, _, width in parts)
+        scale, shift, start = norm.scale.expand(c), norm.shift.expand(c), 0
+        for _, layer, width in parts:
+            assert isinstance(layer, _Layer)
+            self._scale_outputs(layer, scale[start : start + width], shift[start : start + width])
+            start += width
+        self._drop(norm.node, cat)
+        self.ctx.stat("BN folded")
+        return True
+
+    def _parts(self, node: fx.Node) -> list[_Part] | None:
+        """The parts ``node`` concatenates, each with its layer (or why it cannot be
+        rewritten) and its width along dim 1, if ``node`` is a ``torch.cat`` of layer
+        outputs only (a part from anything else leaves nothing to fold into for it)."""
+        if node.op != "call_function" or node.target not in _CAT:
+            return None
+        tensors = arg(node, 0, "tensors")
+        if not isinstance(tensors, list | tuple) or not all(
+            isinstance(t, fx.Node) for t in tensors
+        ):
+            return None
+        parts = []
+        for t in tensors:
+            layer, shape = self._as_layer(t), self.ir.shape(t)
+            if layer is None:
+                return None
+            parts.append((t, layer, shape[1] if shape and len(shape) > 1 else -1))
+        return parts
+
+    def _why_not_parts(self, cat: fx.Node, parts: list[_Part], norm: _Norm) -> str | None:
+        """Why the slices of ``norm`` cannot move into the layers ``cat`` concatenates."""
+        rank = _rank(self.ir, cat)
+        dim = arg(cat, 1, "dim", 0)
+        if rank is None or not isinstance(dim, int) or dim % rank != 1:
+            return f"{_label(cat)} concatenates along dim {dim}, not the channels it normalises"
+        if norm.needs_rank not in (None, rank):
+            return f"{_label(cat)} gives a {rank}-D output, not the rank it normalises"
+        others = [_label(u) for u in cat.users if u is not norm.node]
+        if others:
+            return f"{_label(cat)} also feeds {', '.join(others)}, which need it unnormalised"
+        start, seen = 0, set()
+        for t, layer, width in parts:
+            where = f"channels {start}-{start + width - 1} come from {_label(t)}, which"
+            start += width
+            why = self._why_not_after(layer, cat)
+            if why is None and isinstance(layer, _Layer):
+                if layer.node in seen:
+                    why = "appears twice in the concatenation"
+                elif layer.channel_axis(rank) != 1 or layer.out_channels != width:
+                    why = "does not put its channels where the concatenation does"
+                seen.add(layer.node)
+            if why:
+                return f"{where} {why}"
+        if norm.scale.numel() not in (1, start):
+            return f"{_label(cat)} has {start} channels but the BatchNorm {norm.scale.numel()}"
+        return None
+
     def _apply_after(
         self, layer: _Layer, node: fx.Node, scale: torch.Tensor, shift: torch.Tensor
     ) -> None:
         """Move ``y = x·scale + shift`` (per output channel) into ``layer``; drop ``node``."""
+        self._scale_outputs(layer, scale, shift)
+        self._drop(node, layer.node)
+
+    def _drop(self, node: fx.Node, by: fx.Node) -> None:
+        """Replace ``node`` by ``by``, whose value is now ``node``'s (so it takes ``node``'s
+        origin), and erase what only ``node`` used."""
+        inputs = [n for n in node.all_input_nodes if n is not by]
+        self.ir.replace(node, by)
+        self.gone.add(node)
+        self._erase_dead(inputs)
+
+    def _scale_outputs(self, layer: _Layer, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Make ``layer`` compute ``y·scale + shift`` (per output channel) instead of ``y``."""
         w = layer.weight.detach().double()
         b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(1).double()
         c = layer.out_channels
@@ -482,10 +572,6 @@ class Fold(graphopt.Pass):
         else:
             w = w * scale.reshape(c, *[1] * (w.dim() - 1))
         self._store(layer, w, b * scale + shift)
-        inputs = [n for n in node.all_input_nodes if n is not layer.node]
-        self.ir.replace(node, layer.node)  # the layer's value is now the BN's: take its origin
-        self.gone.add(node)
-        self._erase_dead(inputs)
 
     def _fold_elementwise(self, node: fx.Node) -> None:
         """Fold a multiply/add/subtract/divide by a per-channel constant into the layer before."""
