@@ -27,6 +27,7 @@ from torch import nn
 
 import graphopt
 from graphopt import GraphIR, GraphoptError
+from graphopt.fxutil import arg, int_arg, node_arg, set_arg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -508,7 +509,7 @@ class ScaleRule(OpRule):
     modules = (ChannelScale,)
 
     def link(self, g, node):
-        g.identity(node.args[0], node)  # channels pass through in order
+        g.identity(node_arg(node), node)  # channels pass through in order
         g.link(g.key(node, 1), g.param_key(str(node.target), "weight", 0))
 
     def resize(self, node, sizes):
@@ -547,6 +548,27 @@ def test_plugin_rule_teaches_prune_a_new_module(monkeypatch) -> None:
     assert len(BUILTIN_RULES) == builtin  # the plugin extended a copy
     kept = pruned.gm.get_submodule("a.0").out_channels
     assert kept == 8 and pruned.gm.s.channels == pruned.gm.s.weight.shape[0] == kept
+
+
+def test_fxutil_reads_an_argument_given_by_position_or_keyword() -> None:
+    """The accessor the op rules (and fold) read call arguments with."""
+
+    def f(x, w):
+        return F.conv2d(x, w, None, 1, 0, 1, 2) + F.conv2d(x, w, groups=2)
+
+    gm = torch.fx.symbolic_trace(f)
+    by_position, by_keyword = (n for n in gm.graph.nodes if n.target is F.conv2d)
+    for node in (by_position, by_keyword):
+        assert int_arg(node, 6, "groups") == 2 and arg(node, 2, "bias") is None
+        assert node_arg(node, 0, "input").op == "placeholder"
+        set_arg(node, 6, "groups", 1)
+        assert int_arg(node, 6, "groups") == 1
+    assert "groups" in by_keyword.kwargs and by_position.args[6] == 1  # written where it was
+    assert arg(by_keyword, 3, "stride", 1) == 1  # absent: the default
+    with pytest.raises(TypeError, match="argument 'bias' of conv2d is NoneType, not a node"):
+        node_arg(by_position, 2, "bias")
+    with pytest.raises(TypeError, match="not an int"):
+        int_arg(by_position, 1, "weight")
 
 
 def test_rule_sets_refuse_a_second_claim_unless_replacing() -> None:

@@ -10,12 +10,13 @@ its name in the pass's report.
 A plugin teaches ``prune`` a new op, say its own module type, by contributing a rule
 through the ``graphopt_register_prune_rules`` hook::
 
+    from graphopt.fxutil import node_arg
+
     class ScaleRule(OpRule):
         modules = (MyScale,)                    # a module with one weight per channel
 
         def link(self, g, node):
-            x = node.args[0]
-            g.identity(x, node)                 # channels pass through in order
+            g.identity(node_arg(node), node)    # channels pass through in order
             g.link(g.key(node, 1), g.param_key(str(node.target), "weight", 0))
 
     @graphopt.hookimpl
