@@ -80,7 +80,7 @@ def link_node(g: ChannelGraph, node: fx.Node, rule_set: RuleSet) -> None:
         return
     if not any(isinstance(val(a), torch.Tensor | list | tuple) for a in node.all_input_nodes):
         return  # computed from constants only: nothing to couple
-    rule = rule_set.find(node, g.ir)
+    rule = rule_set.find(node, g.module)
     if rule is None or not rule.applies(node):
         g.freeze_node(node, f"graphopt does not know how {describe(g.ir, node)} maps channels")
     else:

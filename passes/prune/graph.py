@@ -94,6 +94,7 @@ class ChannelGraph:
     space_of: np.ndarray = field(default_factory=lambda: _EMPTY)
     _tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _nodes: dict[str, fx.Node] = field(default_factory=dict, repr=False)
+    _modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._nodes = {n.name: n for n in self.ir.graph.nodes}
@@ -144,8 +145,11 @@ class ChannelGraph:
         return found
 
     def module(self, node: fx.Node) -> nn.Module:
-        """The submodule a ``call_module`` node calls."""
-        return self.ir.module(node)
+        """The submodule a ``call_module`` node calls (looked up once)."""
+        found = self._modules.get(node.name)
+        if found is None:
+            found = self._modules[node.name] = self.ir.module(node)
+        return found
 
     def ids(self, key: SpaceKey, idx: Any = None) -> np.ndarray:
         """Global element ids of a space (allocated on first use)."""

@@ -145,7 +145,7 @@ class Estimator:
             if n_macs <= 0:
                 continue
             spaces = [self.index[k] for k in self._out_keys(node) if k in self.index]
-            rule = rule_set.find(node, ir)
+            rule = rule_set.find(node, g.module)
             c = rule.contracted(g, node) if rule is not None and rule.applies(node) else None
             if c is not None and c in self.index:
                 spaces.append(self.index[c])

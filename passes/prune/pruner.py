@@ -63,7 +63,7 @@ def apply_removal(
     _slice_tensors(ir, masks)
     for node in list(ir.graph.nodes):
         if node.op in ("call_module", "call_function", "call_method"):
-            rule = rule_set.find(node, ir)
+            rule = rule_set.find(node, sizes.module)
             if rule is not None and rule.applies(node):
                 rule.resize(node, sizes)
     for node in list(ir.graph.nodes):

@@ -37,13 +37,18 @@ class Resize:
         self.g = g
         #: keep mask of every space that lost elements
         self.masks = masks
+        self._modules: dict[str, nn.Module] = {}
 
     @property
     def whole_heads(self) -> bool:
         return self.g.whole_heads
 
     def module(self, node: fx.Node) -> nn.Module:
-        return self.ir.module(node)
+        """The submodule a ``call_module`` node of the pruned IR calls."""
+        found = self._modules.get(node.name)
+        if found is None:
+            found = self._modules[node.name] = self.ir.module(node)
+        return found
 
     def dim(self, node: fx.Node, d: int, item: int | None = None) -> int:
         """The new size of dim ``d`` of ``node``'s value (of its tuple's ``item``-th)."""
@@ -154,10 +159,11 @@ class RuleSet:
     def __len__(self) -> int:
         return len(self._rules)
 
-    def find(self, node: fx.Node, ir: GraphIR) -> OpRule | None:
-        """The rule covering ``node``'s op, or None."""
+    def find(self, node: fx.Node, module_of: Callable[[fx.Node], nn.Module]) -> OpRule | None:
+        """The rule covering ``node``'s op, or None; ``module_of`` gives the submodule a
+        ``call_module`` node calls (``ChannelGraph.module``, ``Resize.module``)."""
         if node.op == "call_module":
-            return self.for_module(type(ir.module(node)))
+            return self.for_module(type(module_of(node)))
         if node.op == "call_function":
             return self.for_function(node.target)
         if node.op == "call_method":
