@@ -7,6 +7,11 @@ model, the time the rewrite took, and eager CPU latency (batch 1, the model's de
 size; median of interleaved runs) as a ratio to the unfolded model: below 1 is faster.
 
     .venv/bin/python benchmarks/fold.py [--models resnet18,vgg11_bn] [--runs 15]
+
+A ``timm:NAME`` model (``pretrained=False``, at ``--timm-size``) is traced with timm's
+dynamic 'same'-padding layers kept opaque, as they branch on the input size:
+
+    .venv/bin/python benchmarks/fold.py --models densenet121,timm:pnasnet5large,timm:nasnetalarge
 """
 
 from __future__ import annotations
@@ -30,6 +35,19 @@ MODELS = (
     "regnet_y_400mf,shufflenet_v2_x1_0,convnext_tiny,googlenet,inception_v3,vgg11_bn"
 )
 BN = nn.modules.batchnorm._BatchNorm
+#: timm layers whose forward branches on the input's size (dynamic 'same' padding)
+TIMM_LEAVES = ["Conv2dSame", "MaxPool2dSame", "AvgPool2dSame"]
+
+
+def load(name: str, timm_size: int) -> graphopt.GraphIR:
+    """A torchvision name (at its default input size) or ``timm:NAME``, traced."""
+    if not name.startswith("timm:"):
+        return graphopt.load(f"torchvision:{name}")
+    import timm
+
+    model = timm.create_model(name.removeprefix("timm:"), pretrained=False).eval()
+    x = torch.randn(1, 3, timm_size, timm_size)
+    return graphopt.GraphIR.trace(model, (x,), leaf_modules=TIMM_LEAVES)
 
 
 def perturb_batchnorm(model: nn.Module, seed: int) -> None:
@@ -74,8 +92,8 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def measure(name: str, runs: int) -> dict[str, Any]:
-    ir = graphopt.load(f"torchvision:{name}")
+def measure(name: str, runs: int, timm_size: int = 224) -> dict[str, Any]:
+    ir = load(name, timm_size)
     perturb_batchnorm(ir.gm, seed=len(name))
     x = ir.example_inputs[0]
     with torch.no_grad():
@@ -112,11 +130,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=MODELS, help="comma-separated torchvision names")
     parser.add_argument("--runs", type=int, default=15, help="timed forwards per model")
+    parser.add_argument("--timm-size", type=int, default=224, help="input side of timm models")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
     for name in args.models.split(","):
-        rows.append(measure(name, args.runs))
+        rows.append(measure(name, args.runs, args.timm_size))
         print_table(rows[-1:], header=len(rows) == 1)
     geo = {
         key: math.exp(statistics.fmean(math.log(r[key]) for r in rows))
@@ -149,7 +168,7 @@ COLUMNS = {
     "graphopt latency": ".3f",
     "fx latency": ".3f",
 }
-WIDTHS = {k: max(len(k), 18 if k == "model" else 0) for k in COLUMNS}
+WIDTHS = {k: max(len(k), 22 if k == "model" else 0) for k in COLUMNS}
 
 
 def print_table(rows: list[dict[str, Any]], header: bool) -> None:

@@ -13,6 +13,14 @@ CPU latency of the pruned model as a ratio to the original (median of interleave
 ``--coverage --models all`` instead runs ``prune(target=RATIO)`` on every torchvision
 classifier through ``graphopt.optimize`` and reports how close each gets to the MACs target.
 
+``--fingerprint FILE`` instead records, per model, what ``prune(ratio=RATIO)`` and
+``prune(target=RATIO,heads=true)`` produce (params, MACs, the report, the stats, every
+parameter's shape, a hash of the weights and of the generated code, the output), and with
+``--against OLD`` compares them with an earlier record, say one made before a refactor:
+
+    git stash; python benchmarks/prune.py --fingerprint before.json; git stash pop
+    python benchmarks/prune.py --fingerprint after.json --against before.json
+
 graphopt's time is the trace plus the pass itself (the pass manager's ledger, probe runs and
 checks are not included; ``--full`` adds a column with the whole ``graphopt.optimize`` call).
 Torch-Pruning's time is building its dependency graph plus ``pruner.step()``. Each tool
@@ -188,6 +196,50 @@ def coverage(names: list[str], target: float, size: int) -> None:
     print(f"\n{within}/{len(names)} models within 5 points of {100 * target:.0f}% MACs")
 
 
+def fingerprint(names: list[str], ratio: float, size: int) -> dict[str, dict[str, Any]]:
+    """What prune produces on each model, in enough detail that any change shows."""
+    import hashlib
+
+    found = {}
+    for name in names:
+        torch.manual_seed(0)
+        side = SIZES.get(name, size)
+        x = torch.randn(1, 3, side, side)
+        model = build(name)
+        for pipeline in (f"prune(ratio={ratio})", f"prune(target={ratio},heads=true)"):
+            result = graphopt.PassManager(pipeline, reproducer=False).run(
+                graphopt.trace(model, (x,))
+            )
+            weights = hashlib.sha256()
+            shapes = []
+            for key, value in sorted(result.ir.gm.state_dict().items()):
+                shapes.append([key, list(value.shape)])
+                weights.update(key.encode() + value.detach().contiguous().numpy().tobytes())
+            with torch.no_grad():
+                out = float(result.ir.gm(x).double().sum())
+            last = result.ledger[-1]
+            found[f"{name} {pipeline}"] = {
+                "params": last.params, "macs": last.macs, "notes": last.notes,
+                "stats": last.stats, "shapes": shapes, "weights": weights.hexdigest(),
+                "code": hashlib.sha256(result.ir.gm.code.encode()).hexdigest(), "output": out,
+            }  # fmt: skip
+        print(f"{name:20s} recorded", flush=True)
+    return found
+
+
+def compare(now: dict[str, dict[str, Any]], before: dict[str, dict[str, Any]]) -> int:
+    """Print the runs that differ from ``before``; return how many."""
+    differ = 0
+    for run, fields in now.items():
+        old = before.get(run)
+        changed = [k for k in fields if old is None or old.get(k) != fields[k]]
+        if changed:
+            differ += 1
+            print(f"{run}: differs in {', '.join(changed)}")
+    print(f"{len(now) - differ}/{len(now)} runs identical to the earlier record")
+    return differ
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=DEFAULT_MODELS)
@@ -209,12 +261,24 @@ def main() -> None:
         help="graphopt only: prune(target=RATIO) of the MACs through graphopt.optimize; "
         "'--models all' lists every torchvision classifier",
     )
+    parser.add_argument("--fingerprint", metavar="FILE", help="record what prune produces")
+    parser.add_argument("--against", metavar="OLD", help="with --fingerprint: compare with OLD")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.models == "all":
         args.models = ",".join(torchvision.models.list_models(module=torchvision.models))
     if args.coverage:
         coverage(args.models.split(","), args.ratio, args.size)
+        return
+    if args.fingerprint:
+        import json
+        import pathlib
+
+        record = fingerprint(args.models.split(","), args.ratio, args.size)
+        pathlib.Path(args.fingerprint).write_text(json.dumps(record, indent=1))
+        if args.against:
+            before = json.loads(pathlib.Path(args.against).read_text())
+            raise SystemExit(1 if compare(record, before) else 0)
         return
     header = (
         f"{'model':20s} {'graphopt':>8s} {'TP':>8s} {'go s':>6s} {'TP s':>6s} {'speedup':>7s} "

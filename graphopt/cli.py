@@ -541,7 +541,7 @@ def plugins(
         raise GraphoptError(f"--format must be table or json, not '{format}'")
     registry = _registry(ctx)
     registry.cli_app()
-    kinds = ("passes", "exporters", "analyses", "commands", "criteria", "losses")
+    kinds = ("passes", "exporters", "analyses", "commands", "criteria", "losses", "prune_rules")
     if format == "json":
         rows = [
             {
@@ -558,7 +558,10 @@ def plugins(
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     table = Table(title="graphopt plugins", show_lines=True)
-    headers = ("passes", "exporters", "analyses", "commands", "prune criteria", "distill losses")
+    headers = (
+        "passes", "exporters", "analyses", "commands", "prune criteria", "distill losses",
+        "prune rules",
+    )  # fmt: skip
     for col in ("plugin", "version", *headers, "status"):
         table.add_column(col)
     for info in registry.plugins.values():

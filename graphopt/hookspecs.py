@@ -48,6 +48,15 @@ def graphopt_register_prune_criteria(register: Any) -> None:
 
 
 @hookspec
+def graphopt_register_prune_rules(register: Any) -> None:
+    """Teach the ``prune`` pass new ops: call ``register(rule)`` with an instance of a
+    subclass of the prune pass's ``OpRule`` (``from graphopt.passes.prune import OpRule``)
+    saying how the op couples channels and how it is resized; ``register(rule,
+    replace=True)`` overrides a built-in rule for the same op. ``graphopt plugins`` lists
+    a plugin's rules by class name."""
+
+
+@hookspec
 def graphopt_register_commands(app: Any) -> None:
     """Contribute CLI subcommands: decorate functions with ``@app.command()`` on the given
     ``typer.Typer``; they appear beside graphopt's own commands. An exception a command

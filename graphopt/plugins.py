@@ -71,6 +71,7 @@ class PluginInfo:
     commands: list[str] = field(default_factory=list)
     criteria: list[str] = field(default_factory=list)
     losses: list[str] = field(default_factory=list)
+    prune_rules: list[str] = field(default_factory=list)
     #: why it failed to import (None when it imported)
     error: str | None = None
     #: everything that failed: the import, or hooks that raised
@@ -107,6 +108,8 @@ class Registry:
     exporters: Contributions[Exporter] = _table("output format", "output formats")
     criteria: Contributions[Criterion] = _table("pruning criterion", "pruning criteria")
     losses: Contributions[LossFn] = _table("distillation loss", "distillation losses")
+    #: op rules for ``prune`` by the rule class's qualified name: ``(rule, replace)``
+    prune_rules: Contributions[tuple[Any, bool]] = _table("prune op rule", "prune op rules")
     commands: Contributions[Any] = _table("command", "commands", "graphopt --help")
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
     faults: list[PluginFault] = field(default_factory=list)
@@ -205,6 +208,15 @@ def _named_function(kind: str) -> Callable[[PluginRef, str, Any], tuple[str, Any
     return entry
 
 
+def _prune_rule_entry(
+    plugin: PluginRef, rule: Any, replace: bool = False
+) -> tuple[str, tuple[Any, bool]]:
+    kind = type(rule)
+    if not (hasattr(rule, "link") and hasattr(rule, "applies")):
+        raise TypeError(f"registered {rule!r}, which is not a prune OpRule")
+    return f"{kind.__module__}.{kind.__qualname__}", (rule, bool(replace))
+
+
 def _exporter_entry(plugin: PluginRef, exporter: Any) -> tuple[str, Any]:
     if not isinstance(exporter, Exporter):
         raise TypeError(f"registered {exporter!r}, which is not a graphopt.Exporter")
@@ -225,13 +237,16 @@ _HOOKS: dict[str, tuple[str, Callable[..., tuple[str, Any]]]] = {
     "graphopt_register_passes": ("passes", _pass_entry),
     "graphopt_register_prune_criteria": ("criteria", _named_function("pruning criterion")),
     "graphopt_register_distill_losses": ("losses", _named_function("distillation loss")),
+    "graphopt_register_prune_rules": ("prune_rules", _prune_rule_entry),
 }
 
 
-def _stage(staged: list[tuple[str, Any]], plugin: PluginRef, entry: Any, *args: Any) -> None:
+def _stage(
+    staged: list[tuple[str, Any]], plugin: PluginRef, entry: Any, *args: Any, **kwargs: Any
+) -> None:
     """The ``register`` callback a hook receives: check the contribution and hold it until
     the hook has returned."""
-    staged.append(entry(plugin, *args))
+    staged.append(entry(plugin, *args, **kwargs))
 
 
 def _collect(reg: Registry) -> None:

@@ -150,10 +150,11 @@ class Cleanup(graphopt.Pass):
                     kwargs = fx.node.map_arg(node.kwargs, value)
                     with torch.no_grad():
                         if node.op == "call_function":
-                            values[node] = node.target(*args, **kwargs)
+                            fn: Any = node.target
+                            values[node] = fn(*args, **kwargs)
                         else:
                             self_obj, *rest = args
-                            values[node] = getattr(self_obj, node.target)(*rest, **kwargs)
+                            values[node] = getattr(self_obj, str(node.target))(*rest, **kwargs)
             return values[node]
 
         for node in list(ir.graph.nodes):

@@ -7,6 +7,8 @@ BatchNorm node then disappears. Handled:
 
 * ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` (grouped too) and ``Linear`` followed by a
   BatchNorm, as modules or as functional calls (``F.conv2d``, ``F.linear``, ``F.batch_norm``);
+* a BatchNorm after ``torch.cat`` along the channels of such layers' outputs: each layer
+  takes its slice (all or none: a part from anything else leaves the BatchNorm whole);
 * every ``_BatchNorm`` module (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``), torchvision's
   ``FrozenBatchNorm2d`` kept as a leaf, and, with ``elementwise``, a multiply/add/subtract/
   divide by a per-channel constant, which is what a traced ``FrozenBatchNorm2d`` becomes;
@@ -41,6 +43,7 @@ from torch.nn.utils import parametrize
 
 import graphopt
 from graphopt import GraphIR, GraphoptError, PassContext
+from graphopt.fxutil import arg, set_arg
 from graphopt.ir import fetch, free_name, store_tensor
 
 __all__ = ["Fold"]
@@ -132,11 +135,12 @@ _PURE_METHODS = {
     "clone",
 }
 _AFFINE_OPS = _MUL | _ADD | _SUB | _DIV
+_CAT = {torch.cat, torch.concat, torch.concatenate}
 _NOT_CONSTANT = object()
 _ERASABLE = ("get_attr", "call_function", "call_method")
 
 
-def _frozen_bn_type() -> type | None:
+def _frozen_bn_type() -> type[nn.Module] | None:
     try:
         from torchvision.ops.misc import FrozenBatchNorm2d
     except ImportError:  # torchvision is optional for this pass
@@ -200,6 +204,10 @@ class _Layer:
         return any(p != 0 for p in (padding if isinstance(padding, Sequence) else [padding]))
 
 
+#: one input of a concatenation: its node, its layer (or why it has none), its channel count
+_Part = tuple[fx.Node, _Layer | str, int]
+
+
 @dataclass
 class _Norm:
     """A BatchNorm-like call: its data input and the affine map it applies (float64)."""
@@ -217,16 +225,17 @@ def _label(node: fx.Node) -> str:
 
 
 def _arg(node: fx.Node, names: Sequence[str], name: str, default: Any = None) -> Any:
-    i = names.index(name)
-    return node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
+    return arg(node, names.index(name), name, default)
 
 
 def _set_arg(node: fx.Node, names: Sequence[str], name: str, value: Any) -> None:
-    i = names.index(name)
-    if i < len(node.args):
-        node.args = (*node.args[:i], value, *node.args[i + 1 :])
-    else:
-        node.kwargs = {**node.kwargs, name: value}
+    set_arg(node, names.index(name), name, value)
+
+
+def _tensor(m: nn.Module, name: str) -> torch.Tensor | None:
+    """A module's parameter or buffer ``name`` (None if it has none)."""
+    value = getattr(m, name, None)
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _has_hooks(m: nn.Module) -> bool:
@@ -389,7 +398,8 @@ class Fold(graphopt.Pass):
             if m.running_mean is None:
                 return _NO_STATS
             training = bool(is_bn and m.training)
-            stats = (m.running_mean, m.running_var, m.weight, m.bias, m.eps)
+            kept = ("running_mean", "running_var", "weight", "bias")
+            stats: tuple[Any, ...] = (*(_tensor(m, k) for k in kept), m.eps)
             data = node.args[0] if node.args else node.kwargs.get("input")
             rank = 4 if is_frozen else next((r for c, r in _BN_RANK if isinstance(m, c)), None)
         elif node.op == "call_function" and node.target is F.batch_norm:
@@ -422,10 +432,11 @@ class Fold(graphopt.Pass):
     # -- folding after a layer --------------------------------------------------------------
 
     def _fold_into_previous(self, norm: _Norm) -> bool:
-        """Fold ``norm`` into the layer producing its input; False if no layer produces it."""
+        """Fold ``norm`` into the layer producing its input, or into the layers whose outputs
+        its input concatenates; False if no layer produces it."""
         layer = self._as_layer(norm.input)
         if layer is None:
-            return False
+            return self._fold_into_parts(norm)
         why = self._why_not_after(layer, norm.node) or self._why_not_normalised(layer, norm)
         if why or not isinstance(layer, _Layer):
             self.ctx.note(f"kept {_label(norm.node)}: {_label(norm.input)} {why}")
@@ -463,10 +474,92 @@ class Fold(graphopt.Pass):
             )
         return None
 
+    def _fold_into_parts(self, norm: _Norm) -> bool:
+        """Fold ``norm`` after ``torch.cat`` along the channels, slice by slice, into the
+        layers producing the parts; False if no part comes from a layer. Only whole: when
+        any part cannot take its slice, the BatchNorm stays as it is (see docs/passes/fold.md)."""
+        cat = norm.input
+        parts = self._parts(cat)
+        if parts is None:
+            return False
+        why = self._why_not_parts(cat, parts, norm)
+        if why is not None:
+            self.ctx.note(f"kept {_label(norm.node)}: {why}")
+            return True
+        c = sum(width for _, _, width in parts)
+        scale, shift, start = norm.scale.expand(c), norm.shift.expand(c), 0
+        for _, layer, width in parts:
+            assert isinstance(layer, _Layer)
+            self._scale_outputs(layer, scale[start : start + width], shift[start : start + width])
+            start += width
+        self._drop(norm.node, cat)
+        self.ctx.stat("BN folded")
+        return True
+
+    def _parts(self, node: fx.Node) -> list[_Part] | None:
+        """The parts ``node`` concatenates, each with its layer (or why it cannot be
+        rewritten) and its width along dim 1, if ``node`` is a ``torch.cat`` of layer
+        outputs only (a part from anything else leaves nothing to fold into for it)."""
+        if node.op != "call_function" or node.target not in _CAT:
+            return None
+        tensors = arg(node, 0, "tensors")
+        if not isinstance(tensors, list | tuple) or not all(
+            isinstance(t, fx.Node) for t in tensors
+        ):
+            return None
+        parts = []
+        for t in tensors:
+            layer, shape = self._as_layer(t), self.ir.shape(t)
+            if layer is None:
+                return None
+            parts.append((t, layer, shape[1] if shape and len(shape) > 1 else -1))
+        return parts
+
+    def _why_not_parts(self, cat: fx.Node, parts: list[_Part], norm: _Norm) -> str | None:
+        """Why the slices of ``norm`` cannot move into the layers ``cat`` concatenates."""
+        rank = _rank(self.ir, cat)
+        dim = arg(cat, 1, "dim", 0)
+        if rank is None or not isinstance(dim, int) or dim % rank != 1:
+            return f"{_label(cat)} concatenates along dim {dim}, not the channels it normalises"
+        if norm.needs_rank not in (None, rank):
+            return f"{_label(cat)} gives a {rank}-D output, not the rank it normalises"
+        others = [_label(u) for u in cat.users if u is not norm.node]
+        if others:
+            return f"{_label(cat)} also feeds {', '.join(others)}, which need it unnormalised"
+        start, seen = 0, set()
+        for t, layer, width in parts:
+            where = f"channels {start}-{start + width - 1} come from {_label(t)}, which"
+            start += width
+            why = self._why_not_after(layer, cat)
+            if why is None and isinstance(layer, _Layer):
+                if layer.node in seen:
+                    why = "appears twice in the concatenation"
+                elif layer.channel_axis(rank) != 1 or layer.out_channels != width:
+                    why = "does not put its channels where the concatenation does"
+                seen.add(layer.node)
+            if why:
+                return f"{where} {why}"
+        if norm.scale.numel() not in (1, start):
+            return f"{_label(cat)} has {start} channels but the BatchNorm {norm.scale.numel()}"
+        return None
+
     def _apply_after(
         self, layer: _Layer, node: fx.Node, scale: torch.Tensor, shift: torch.Tensor
     ) -> None:
         """Move ``y = x·scale + shift`` (per output channel) into ``layer``; drop ``node``."""
+        self._scale_outputs(layer, scale, shift)
+        self._drop(node, layer.node)
+
+    def _drop(self, node: fx.Node, by: fx.Node) -> None:
+        """Replace ``node`` by ``by``, whose value is now ``node``'s (so it takes ``node``'s
+        origin), and erase what only ``node`` used."""
+        inputs = [n for n in node.all_input_nodes if n is not by]
+        self.ir.replace(node, by)
+        self.gone.add(node)
+        self._erase_dead(inputs)
+
+    def _scale_outputs(self, layer: _Layer, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Make ``layer`` compute ``y·scale + shift`` (per output channel) instead of ``y``."""
         w = layer.weight.detach().double()
         b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(1).double()
         c = layer.out_channels
@@ -479,10 +572,6 @@ class Fold(graphopt.Pass):
         else:
             w = w * scale.reshape(c, *[1] * (w.dim() - 1))
         self._store(layer, w, b * scale + shift)
-        inputs = [n for n in node.all_input_nodes if n is not layer.node]
-        self.ir.replace(node, layer.node)  # the layer's value is now the BN's: take its origin
-        self.gone.add(node)
-        self._erase_dead(inputs)
 
     def _fold_elementwise(self, node: fx.Node) -> None:
         """Fold a multiply/add/subtract/divide by a per-channel constant into the layer before."""
@@ -575,22 +664,24 @@ class Fold(graphopt.Pass):
                 return None
             if _has_hooks(m):
                 return "has hooks or parametrizations that folding would drop"
-            return _Layer(node, *kind, m.weight, m.bias, getattr(m, "groups", 1), module=m)
+            weight = _tensor(m, "weight")
+            assert weight is not None
+            groups = getattr(m, "groups", 1)
+            return _Layer(node, *kind, weight, _tensor(m, "bias"), groups, module=m)
         if node.op != "call_function" or node.target not in _FUNCTIONAL_LAYERS:
             return None
-        kind, spatial, names = _FUNCTIONAL_LAYERS[node.target]
+        kind_name, spatial, names = _FUNCTIONAL_LAYERS[node.target]
         weight, bias = _arg(node, names, "weight"), _arg(node, names, "bias")
         stored = [a for a in (weight, bias) if a is not None]
         if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in stored):
             return "computes its weight or bias in the graph instead of storing it"
-        groups = _arg(node, names, "groups", 1) if kind != "linear" else 1
+        groups = _arg(node, names, "groups", 1) if kind_name != "linear" else 1
         if not isinstance(groups, int):
             return "has a computed number of groups"
         # fetched afresh, not memoised: an earlier fold may have rewritten them
-        values = [
-            fetch(self.ir.gm, str(a.target)) if a is not None else None for a in (weight, bias)
-        ]
-        return _Layer(node, kind, spatial, values[0], values[1], groups, argnames=names)
+        w = fetch(self.ir.gm, str(weight.target))
+        b = fetch(self.ir.gm, str(bias.target)) if bias is not None else None
+        return _Layer(node, kind_name, spatial, w, b, groups, argnames=names)
 
     def _erase_dead(self, nodes: Iterable[fx.Node]) -> None:
         """Erase the given nodes, and what only they used, once nothing uses them; drop the

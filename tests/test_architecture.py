@@ -26,12 +26,7 @@ PACKAGES = {
 
 #: private names imported across modules that the prune package's restructuring (issue 15,
 #: item 1: typed accessors for node.args) removes; nothing may be added to this list
-KNOWN_PRIVATE_IMPORTS = {
-    ("graphopt.passes.prune.plan", "graphopt.passes.prune.deps", "_arg"),
-    ("graphopt.passes.prune.plan", "graphopt.passes.prune.deps", "_val"),
-    ("graphopt.passes.prune.pruner", "graphopt.passes.prune.deps", "_arg"),
-    ("graphopt.passes.prune.pruner", "graphopt.passes.prune.deps", "_val"),
-}
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -127,6 +127,7 @@ def test_the_plugin_guides_plugin_installs_and_each_contribution_works(guide_plu
         ["zip"],
     )
     assert (info.criteria, info.losses, info.commands) == (["l4"], ["cosine"], ["activations"])
+    assert info.prune_rules == ["graphopt_example.ChannelScaleRule"]
 
     model = torchvision.models.resnet18(weights=None).eval()
     ir = graphopt.trace(model, (torch.randn(2, 3, 32, 32),))
@@ -140,6 +141,25 @@ def test_the_plugin_guides_plugin_installs_and_each_contribution_works(guide_plu
     ci = graphopt.CriterionInput(ir, {"a.weight": w, "bn.weight": w}, [], None, 0, {"bn.weight"})
     saliency = reg.criteria["l4"](ci)
     assert saliency.power == 4 and list(saliency.params) == ["a.weight"]
+
+    # the op rule: without it the scale layer and everything coupled to it stays whole;
+    # with it, the conv before it, the scales and the conv after it lose the same channels
+    import graphopt_example
+
+    scaled = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3), graphopt_example.ChannelScale(16), torch.nn.Conv2d(16, 8, 3)
+    ).eval()
+    with torch.no_grad():
+        scaled[1].weight.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 12, 12)
+    ir = graphopt.trace(scaled, (x,), leaf_modules=["ChannelScale"])
+    without = graphopt.PassManager("prune(ratio=0.5)", registry=load_registry(["example"]))
+    with pytest.raises(graphopt.GraphoptError, match="does not know how module ChannelScale"):
+        without.run(ir)
+    pruned = graphopt.PassManager("prune(ratio=0.5)", registry=reg).run(ir).ir.gm
+    conv, scale = pruned.get_submodule("0"), pruned.get_submodule("1")
+    assert conv.out_channels == scale.channels == scale.weight.numel() == 8
+    assert pruned.get_submodule("2").in_channels == 8 and pruned(x).shape == scaled(x).shape
 
     s, t = torch.randn(4, 10), torch.randn(4, 10)
     loss = reg.losses["cosine"](graphopt.LossInputs(s, t, [], [], None, 4.0))
@@ -187,9 +207,12 @@ def test_hook_docstrings_name_only_public_types():
         if not name.startswith("graphopt_"):
             continue
         doc = function.__doc__ or ""
-        mentioned = re.findall(r"graphopt\.([A-Za-z_]\w*)", doc)
+        # (a pass's package, graphopt.passes.NAME, is public too: its own extension types)
+        mentioned = re.findall(r"graphopt\.(?!passes\.)([A-Za-z_]\w*)", doc)
         for public in mentioned:
             assert public in graphopt.__all__, f"{name} mentions graphopt.{public}"
-        assert "graphopt.passes" not in doc and ".importance" not in doc, name
+        # a pass's own extension types are public from the pass's package, never deeper
+        assert not re.search(r"graphopt\.passes\.\w+\.\w", doc), name
+        assert ".importance" not in doc, name
     assert "graphopt.CriterionInput" in hookspecs.graphopt_register_prune_criteria.__doc__
     assert "graphopt.LossInputs" in hookspecs.graphopt_register_distill_losses.__doc__

@@ -167,6 +167,157 @@ def test_bn_then_conv_folds_only_where_exact(cfg, padding_mode):
         assert any("pads with zeros" in note for note in entry.notes), entry.notes
 
 
+# -- BatchNorm after a concatenation ----------------------------------------------------------
+
+
+class CatThenBN(nn.Module):
+    """Layers of every kind concatenated along the channels, then one BatchNorm: each
+    part's slice of the BatchNorm folds into its layer."""
+
+    def __init__(self, dims: int, parts: list[tuple[str, int, bool]]) -> None:
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        conv_t = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+        self.parts = nn.ModuleList()
+        for kind, out, bias in parts:
+            groups = 2 if kind.startswith("grouped") else 1
+            cls = conv_t if kind.endswith("transposed") else conv
+            self.parts.append(cls(4, out * groups, 3, padding=1, groups=groups, bias=bias))
+        width = sum(out * (2 if kind.startswith("grouped") else 1) for kind, out, _ in parts)
+        self.bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](width)
+
+    def forward(self, x):
+        return self.bn(torch.cat([p(x) for p in self.parts], 1))
+
+
+_KINDS = ["conv", "transposed", "grouped conv", "grouped transposed"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dims=st.integers(1, 3),
+    parts=st.lists(
+        st.tuples(st.sampled_from(_KINDS), st.integers(1, 3), st.booleans()), min_size=1, max_size=3
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_bn_after_concat_of_layers_folds_exactly(dims, parts, seed):
+    torch.manual_seed(seed)
+    model = randomize_bn(CatThenBN(dims, parts), seed).eval()
+    x = torch.randn(2, 4, *[5] * dims)
+    result, entry = fold(model, x)
+    assert entry.stats == {"BN folded": 1} and entry.notes == []
+    assert not result.ir.nodes(module_type=BN)
+    assert entry.rel_err <= 1e-6
+
+
+class CatCases(nn.Module):
+    """A BatchNorm after ``cat`` whose parts cannot all take their slice."""
+
+    WIDTH = {"other user": 10, "cat reused": 10, "twice": 8, "height": 4, "pooled": 10}
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(self.WIDTH[case])
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        if self.case == "other user":
+            return self.bn(torch.cat([a, b], 1)) + b.mean()
+        if self.case == "cat reused":
+            y = torch.cat([a, b], 1)
+            return self.bn(y) * y.sum()
+        if self.case == "twice":
+            return self.bn(torch.cat([a, a], 1))
+        if self.case == "height":  # along the height: no channel slices
+            return self.bn(torch.cat([a, self.a(x.flip(2))], 2))
+        return self.bn(torch.cat([a, F.avg_pool2d(b, 3, 1, 1)], 1))  # pooled
+
+
+@pytest.mark.parametrize(
+    ("case", "note"),
+    [
+        ("other user", "kept bn: channels 4-9 come from b, which also feeds mean, which need"),
+        ("cat reused", "kept bn: cat also feeds sum_1, which need it unnormalised"),
+        ("twice", "kept bn: channels 4-7 come from a, which appears twice in the concatenation"),
+        ("height", "kept bn: cat concatenates along dim 2, not the channels it normalises"),
+    ],
+)
+def test_bn_after_concat_is_kept_when_a_part_cannot_take_its_slice(case, note):
+    model = randomize_bn(CatCases(case)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    result, entry = fold(model, x)
+    assert entry.stats == {} and result.ir.nodes(module_type=BN)
+    assert any(n.startswith(note) for n in entry.notes), entry.notes
+    assert entry.max_abs_err == 0.0
+
+
+def test_bn_after_concat_with_a_part_from_no_layer_is_left_whole():
+    """A part that does not come from a conv or linear has nowhere to put its slice; the
+    BatchNorm is left as it is (not split), like one with no layer before it."""
+    model = randomize_bn(CatCases("pooled")).eval()
+    result, entry = fold(model, torch.randn(2, 3, 6, 6))
+    assert entry.stats == {} and len(result.ir.nodes(module_type=BN)) == 1
+    assert entry.notes == [
+        "kept 1 BatchNorm with no conv or linear before it: bn; fold(into_next=true) tries "
+        "the next layer"
+    ]
+
+
+class CatShared(nn.Module):
+    """One conv called twice, both outputs concatenated, then a BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(torch.cat([self.conv(x), self.conv(x.flip(3))], 1))
+
+
+def test_bn_after_concat_of_a_shared_conv_folds_only_into_clones():
+    model = randomize_bn(CatShared()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    result, entry = fold(model, x)
+    assert entry.stats == {} and result.ir.nodes(module_type=BN)
+    assert any("channels 0-3 come from conv, which is used at 2 call sites" in n
+               for n in entry.notes), entry.notes  # fmt: skip
+    result, entry = fold(model, x, "fold(clone_shared=true)")
+    assert entry.stats == {"BN folded": 1, "shared layers cloned": 1}
+    assert not result.ir.nodes(module_type=BN) and entry.rel_err <= 1e-6
+
+
+@pytest.mark.slow
+def test_timm_nasnet_bn_after_concat_folds():
+    """timm's NASNet-A (the architecture of ``nasnetalarge``, narrowed to fit the test
+    budget) ends each reduction path with ``final_path_bn(torch.cat([path_1, path_2], 1))``,
+    both paths 1×1 convs: every BatchNorm folds, the output unchanged."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("nasnetalarge", pretrained=False, stem_size=16, num_features=384)
+    model = randomize_bn(model, 0).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+    # timm's 'same' padding branches on the input size: its layers stay opaque when traced
+    leaves = ["Conv2dSame", "MaxPool2dSame", "AvgPool2dSame"]
+    ir = GraphIR.trace(copy.deepcopy(model), (x,), leaf_modules=leaves)
+    cat_bns = [
+        n
+        for n in ir.nodes(module_type=BN)
+        if n.args[0].op == "call_function" and n.args[0].target is torch.cat
+    ]
+    assert len(cat_bns) == 4
+    ctx = PassContext(probe_inputs=(x,))
+    Fold(Fold.Options()).run(ir, ctx)
+    ir.gm.recompile()
+    assert not ir.nodes(module_type=BN)
+    with torch.no_grad():
+        assert deviation(ir.gm(x), want).rel_err <= 1e-5
+
+
 # -- hand-built models ----------------------------------------------------------------------
 
 

@@ -16,22 +16,25 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from conftest import randomize_bn
-from graphopt.passes.prune import Prune, analyse
+from graphopt.passes.prune import OpRule, Prune, analyse
+from graphopt.passes.prune.ops import BUILTIN_RULES
 from graphopt.passes.prune.plan import Selector
 from graphopt.passes.prune.pruner import apply_removal, keep_masks
+from graphopt.passes.prune.report import frozen_report
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import graphopt
 from graphopt import GraphIR, GraphoptError
+from graphopt.fxutil import arg, int_arg, node_arg, set_arg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def plan(model: nn.Module, x: torch.Tensor, ratio: float = 0.5, seed: int = 0, ignore=(), **kw):
+def plan(model: nn.Module, x: torch.Tensor, ratio=0.5, seed=0, ignore=(), leaf_modules=(), **kw):
     """Trace, analyse and choose a random removal of ``ratio`` of every group."""
-    ir = GraphIR.trace(model, (x,))
+    ir = GraphIR.trace(model, (x,), leaf_modules=leaf_modules)
     g = analyse(ir, ignore, **kw)
     scores = np.random.default_rng(seed).random(len(g.prunable))
     sel = Selector(g, scores, round_to=1, max_layer_ratio=0.9, global_rank=False)
@@ -62,7 +65,7 @@ def assert_exact(
     lost output channels. Returns the pruned IR."""
     model = model.eval()
     ir, g, removed = plan(model, x, ratio, seed, **kw)
-    assert removed.any(), g.frozen_report()
+    assert removed.any(), frozen_report(g)
     zero_removed(g, removed)
     with torch.no_grad():
         want = ir.gm(x)
@@ -290,6 +293,28 @@ class Functional(nn.Module):
         return F.linear(F.relu(x), self.w3)
 
 
+class Decoder(nn.Module):
+    """A U-Net-style decoder: strided convs down, transposed convs up (grouped, depthwise,
+    and a functional grouped one), a skip concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down1 = cbr(3, 16, stride=2)  # 8 -> 4
+        self.down2 = cbr(16, 32, stride=2)  # 4 -> 2
+        self.up1 = nn.ConvTranspose2d(32, 16, 2, stride=2, groups=4)  # 2 -> 4
+        self.fuse = cbr(32, 16)  # cat(up1, down1)
+        self.up2 = nn.ConvTranspose2d(16, 16, 4, stride=2, padding=1, groups=16)  # 4 -> 8
+        self.w = nn.Parameter(torch.randn(16, 2, 3, 3) * 0.3)  # (in, out / groups, k, k)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        d1 = self.down1(x)
+        u = self.fuse(torch.cat([self.up1(self.down2(d1)), d1], 1))
+        u = F.relu(self.up2(u))
+        u = F.relu(F.conv_transpose2d(u, self.w, padding=1, groups=8))
+        return self.head(u)
+
+
 def image(n: int = 2, c: int = 3, s: int = 8) -> torch.Tensor:
     return torch.randn(n, c, s, s, generator=torch.Generator().manual_seed(1))
 
@@ -311,6 +336,7 @@ PATTERNS = {
     "attention via sdpa": (lambda: HandAttention(sdpa=True), tokens, ["embed", "qkv"]),
     "channels last": (ChannelsLast, image, ["stem", "dw", "pw1", "pw2"]),
     "functional parameters": (Functional, image, []),
+    "transposed convs (decoder)": (Decoder, image, ["down1.0", "down2.0", "up1", "fuse.0", "up2"]),
 }
 
 
@@ -460,6 +486,100 @@ def test_nothing_prunable_is_refused() -> None:
 
 def test_pass_is_registered() -> None:
     assert graphopt.get_registry().pass_class("prune") is Prune
+
+
+# -- op rules -------------------------------------------------------------------------------
+
+
+class ChannelScale(nn.Module):
+    """A plugin's own layer, kept opaque when traced: one learned scale per channel."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+
+    def forward(self, x):
+        return x * self.weight.view(1, -1, 1, 1)
+
+
+class ScaleRule(OpRule):
+    """What the plugin tells prune about its layer."""
+
+    modules = (ChannelScale,)
+
+    def link(self, g, node):
+        g.identity(node_arg(node), node)  # channels pass through in order
+        g.link(g.key(node, 1), g.param_key(str(node.target), "weight", 0))
+
+    def resize(self, node, sizes):
+        sizes.module(node).channels = sizes.dim(node, 1)
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 16)
+        self.s = ChannelScale(16)
+        self.b = nn.Conv2d(16, 8, 3)
+
+    def forward(self, x):
+        return self.b(self.s(self.a(x)))
+
+
+def test_plugin_rule_teaches_prune_a_new_module(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(Scaled(), 0).eval()
+    x = image()
+    ir = GraphIR.trace(model, (x,), leaf_modules=["ChannelScale"])
+    g = analyse(ir)
+    assert not g.prunable.any()  # no rule for the layer: its channels (and a's) stay whole
+    assert any("does not know how module ChannelScale" in line for line in frozen_report(g))
+
+    class Plugin:
+        @graphopt.hookimpl
+        def graphopt_register_prune_rules(self, register):
+            register(ScaleRule())
+
+    registry = graphopt.load_registry(extra=[Plugin()])
+    builtin = len(BUILTIN_RULES)
+    with registry.in_effect():
+        pruned = assert_exact(model, x, ["a.0"], leaf_modules=["ChannelScale"])
+    assert len(BUILTIN_RULES) == builtin  # the plugin extended a copy
+    kept = pruned.gm.get_submodule("a.0").out_channels
+    assert kept == 8 and pruned.gm.s.channels == pruned.gm.s.weight.shape[0] == kept
+
+
+def test_fxutil_reads_an_argument_given_by_position_or_keyword() -> None:
+    """The accessor the op rules (and fold) read call arguments with."""
+
+    def f(x, w):
+        return F.conv2d(x, w, None, 1, 0, 1, 2) + F.conv2d(x, w, groups=2)
+
+    gm = torch.fx.symbolic_trace(f)
+    by_position, by_keyword = (n for n in gm.graph.nodes if n.target is F.conv2d)
+    for node in (by_position, by_keyword):
+        assert int_arg(node, 6, "groups") == 2 and arg(node, 2, "bias") is None
+        assert node_arg(node, 0, "input").op == "placeholder"
+        set_arg(node, 6, "groups", 1)
+        assert int_arg(node, 6, "groups") == 1
+    assert "groups" in by_keyword.kwargs and by_position.args[6] == 1  # written where it was
+    assert arg(by_keyword, 3, "stride", 1) == 1  # absent: the default
+    with pytest.raises(TypeError, match="argument 'bias' of conv2d is NoneType, not a node"):
+        node_arg(by_position, 2, "bias")
+    with pytest.raises(TypeError, match="not an int"):
+        int_arg(by_position, 1, "weight")
+
+
+def test_rule_sets_refuse_a_second_claim_unless_replacing() -> None:
+    class Other(OpRule):
+        functions = (torch.add,)
+
+    with pytest.raises(GraphoptError, match=r"both claim torch\..*add; register the second"):
+        BUILTIN_RULES.extended([Other()])
+    replaced = BUILTIN_RULES.extended([Other()], replace=True)
+    assert isinstance(replaced.for_function(torch.add), Other)
+    assert not isinstance(BUILTIN_RULES.for_function(torch.add), Other)
 
 
 # -- criteria ---------------------------------------------------------------------------------
@@ -760,9 +880,49 @@ def test_torchvision_half_the_macs(name: str) -> None:
         assert result.ir.gm(x).shape == model(x).shape == (1, 1000)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", [True, False])
+def test_timm_lowformer_transposed_convs(fused: bool) -> None:
+    """timm's LowFormer upsamples its strided attention with a ConvTranspose2d (plain in its
+    released configuration, depthwise with ``fused_conv=False``) and crops the result to
+    sizes read from its input (``o[..., :H, :W]``). Zeroed channels removed leave the output
+    unchanged (its classifier's LayerNorm, which renormalises, ignored), and
+    prune(target=0.5) keeps half the MACs."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("lowformer_b0", pretrained=False, fused_conv=fused)
+    model = randomize_bn(model, 0).eval()
+    x = image(1, 3, 64)
+    assert_exact(model, x, ["stem.0.conv"], atol=1e-4, ignore=["pre_classifier_1"])
+    result = graphopt.optimize(model, "prune(target=0.5)", example_inputs=(x,))
+    before, after = result.ledger[0], result.ledger[-1]
+    assert after.macs / before.macs == pytest.approx(0.5, abs=0.05)
+    assert not any("transposed" in line for line in after.notes), after.notes
+    ups = [n for n, m in model.named_modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert len(ups) == 7
+    for name in ups:
+        old, new = model.get_submodule(name), result.ir.gm.get_submodule(name)
+        if fused:  # its input is the attention's inner width, which halves
+            assert new.in_channels < old.in_channels and new.out_channels == new.weight.shape[1]
+        else:  # depthwise on the residual stream, which GroupNorm1 (one group) keeps whole
+            assert new.groups == new.in_channels == new.out_channels == old.groups
+    with torch.no_grad():
+        assert result.ir.gm(x).shape == model(x).shape == (1, 1000)
+
+
 # -- random architectures ---------------------------------------------------------------------
 
-KINDS = ("conv", "depthwise", "residual", "concat", "split", "chunk", "shuffle", "gate")
+KINDS = (
+    "conv",
+    "depthwise",
+    "residual",
+    "concat",
+    "split",
+    "chunk",
+    "shuffle",
+    "gate",
+    "transposed",
+)
 
 
 class RandomNet(nn.Module):
@@ -782,6 +942,11 @@ class RandomNet(nn.Module):
                 c = width
             elif kind == "depthwise":
                 layer["a"] = cbr(c, c, groups=c)
+            elif kind == "transposed":
+                g = groups if c % groups == 0 and width % groups == 0 else 1
+                up = nn.ConvTranspose2d(c, width, 3, padding=1, groups=g)
+                layer["a"] = nn.Sequential(up, nn.BatchNorm2d(width), nn.ReLU())
+                c = width
             elif kind == "residual":
                 layer["a"], layer["b"] = cbr(c, width), nn.Conv2d(width, c, 1)
             elif kind == "concat":
@@ -797,7 +962,7 @@ class RandomNet(nn.Module):
     def forward(self, x):
         x = self.stem(x)
         for kind, layer in zip(self.kinds, self.layers, strict=True):
-            if kind in ("conv", "depthwise"):
+            if kind in ("conv", "depthwise", "transposed"):
                 x = layer["a"](x)
             elif kind == "residual":
                 x = x + layer["b"](layer["a"](x))
@@ -1006,17 +1171,17 @@ def _move_chains(draw) -> tuple[list[int], list[tuple[str, tuple]]]:
 
 def _both_ways(model: nn.Module, x: torch.Tensor) -> tuple:
     """The analysis of ``model`` with moves mapped from shapes, and by coordinates only."""
-    from graphopt.passes.prune import deps
+    from graphopt.passes.prune.ops import movement
 
     ir = GraphIR.trace(model, (x,))
     ir.analysis("shapes")
-    by_shape = deps.analyse(ir)
-    original = deps.ChannelGraph._move_by_shape
-    deps.ChannelGraph._move_by_shape = lambda self, node, **kw: False  # type: ignore[method-assign]
+    by_shape = analyse(ir)
+    original = movement.link_by_shape
+    movement.link_by_shape = lambda g, node, **kw: False  # type: ignore[assignment]
     try:
-        by_coordinates = deps.analyse(ir)
+        by_coordinates = analyse(ir)
     finally:
-        deps.ChannelGraph._move_by_shape = original  # type: ignore[method-assign]
+        movement.link_by_shape = original
     return _canonical(by_shape), _canonical(by_coordinates)
 
 
@@ -1035,19 +1200,19 @@ def test_flatten_modules_mapped_from_shapes_agree_with_coordinates() -> None:
         nn.Conv2d(3, 12, 1), nn.Unflatten(1, (3, 4)), nn.Flatten(1, 2), nn.Flatten(2),
         nn.Unflatten(2, (2, 8)), nn.Flatten(), nn.Linear(12 * 16, 5),
     )  # fmt: skip
-    from graphopt.passes.prune import deps
+    from graphopt.passes.prune.ops import movement
 
     handled = []
-    original = deps.ChannelGraph._move_by_shape
+    original = movement.link_by_shape
 
-    def spy(self, node, **kw):
-        handled.append((node.op, original(self, node, **kw)))
+    def spy(g, node, **kw):
+        handled.append((node.op, original(g, node, **kw)))
         return handled[-1][1]
 
-    deps.ChannelGraph._move_by_shape = spy  # type: ignore[method-assign]
+    movement.link_by_shape = spy  # type: ignore[assignment]
     try:
         by_shape, by_coordinates = _both_ways(model, torch.randn(1, 3, 4, 4))
     finally:
-        deps.ChannelGraph._move_by_shape = original  # type: ignore[method-assign]
+        movement.link_by_shape = original
     assert handled.count(("call_module", True)) == 5
     assert by_shape == by_coordinates

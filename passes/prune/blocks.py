@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from graphopt import GraphIR
+from graphopt import GraphIR, NamePatterns
 
 __all__ = ["ResidualBlock", "block_scores", "drop_blocks", "residual_blocks"]
 
@@ -111,17 +111,12 @@ def drop_blocks(
     ir: GraphIR, count: int, batches: list[tuple[Any, ...]], ignore: list[str]
 ) -> list[str]:
     """Drop the ``count`` residual branches that add least; return the dropped adds' names."""
-    import fnmatch
-
-    blocks = [
-        b
-        for b in residual_blocks(ir)
-        if not any(fnmatch.fnmatchcase(n.name, p) for n in b.nodes for p in ignore)
-    ]
+    patterns = NamePatterns(ignore)
+    blocks = [b for b in residual_blocks(ir) if not patterns.matches(*(n.name for n in b.nodes))]
     scores = block_scores(ir, blocks, batches)
     chosen = sorted(range(len(blocks)), key=lambda i: scores[i])[:count]
     dropped = []
-    for i in sorted(chosen, key=lambda i: -_position(ir, blocks[i].add)):
+    for i in sorted(chosen, key=lambda i: -GraphIR.position(blocks[i].add)):
         block = blocks[i]
         block.add.replace_all_uses_with(block.skip)
         dropped.append(block.add.name)
@@ -131,10 +126,3 @@ def drop_blocks(
     ir.gm.recompile()
     ir.invalidate()
     return dropped
-
-
-def _position(ir: GraphIR, node: fx.Node) -> int:
-    for i, n in enumerate(ir.graph.nodes):
-        if n is node:
-            return i
-    return -1

@@ -25,9 +25,16 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from graphopt import Criterion, CriterionInput, GraphoptError, Saliency, registry_in_effect
+from graphopt import (
+    Criterion,
+    CriterionInput,
+    GraphoptError,
+    Saliency,
+    registry_in_effect,
+    split_batch,
+)
 
-from .deps import ChannelGraph
+from .graph import ChannelGraph
 
 __all__ = [
     "CriterionInput",
@@ -153,18 +160,6 @@ def _batches(ci: CriterionInput, crit: str) -> Iterable[tuple[tuple[Any, ...], A
         yield split_batch(batch, n_inputs)
 
 
-def split_batch(batch: Any, n_inputs: int) -> tuple[tuple[Any, ...], Any]:
-    """``(inputs, target)`` from a batch given as a tensor, an input tuple or a pair."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,), None
-    batch = tuple(batch)
-    if len(batch) == 2 and isinstance(batch[0], list | tuple):
-        return tuple(batch[0]), batch[1]
-    if len(batch) == n_inputs + 1:
-        return batch[:n_inputs], batch[n_inputs]
-    return batch, None
-
-
 def _run(gm: torch.nn.Module, inputs: tuple[Any, ...]) -> Any:
     return gm(*inputs)
 
@@ -181,7 +176,6 @@ def _loss(out: Any, target: Any) -> torch.Tensor:
 
 def atom_scores(g: ChannelGraph, sal: Saliency) -> np.ndarray:
     """Score per component (NaN where nothing scored it), aggregated over coupled dims."""
-    assert g.comp is not None and g.prunable is not None
     ncomp = len(g.prunable)
     # the scored dims of each saliency map, so that each map is prepared once
     dims_of: dict[tuple[str, str], list[tuple[int, np.ndarray]]] = {}
@@ -227,7 +221,6 @@ def scorer(
         raise GraphoptError(
             f"unknown pruning criterion '{criterion}'; choose one of {', '.join(sorted(table))}"
         )
-    assert g.comp is not None and g.prunable is not None
     # the weights of layers (their rows and columns) and normalisation scales: biases and
     # running statistics say little about a channel's importance
     weights = {k[1] for k in g.producers | g.consumers | g.norm_scales}

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
+import torch.fx as fx
 
 from graphopt import GraphIR
 
-from .deps import ChannelGraph, SpaceKey, _arg, _val
+from .graph import ChannelGraph, SpaceKey, val
+from .ops import RuleSet
 
 __all__ = ["Estimator", "Selector"]
 
@@ -40,8 +41,6 @@ class Selector:
         max_layer_ratio: float,
         global_rank: bool,
     ) -> None:
-        assert g.prunable is not None and g.group_of is not None and g.comp is not None
-        assert g.space_of is not None
         self.g = g
         self.ncomp = len(g.prunable)
         self.scores = scores
@@ -126,10 +125,13 @@ class Selector:
 
 
 class Estimator:
-    """Fast MACs/params of the pruned model, from kept fractions of spaces."""
+    """Fast MACs/params of the pruned model, from kept fractions of spaces: each node's MACs
+    scale with the kept fraction of its output and of the space its rule says it contracts
+    over."""
 
-    def __init__(self, ir: GraphIR, g: ChannelGraph, macs: dict[str, int]) -> None:
-        assert g.comp is not None
+    def __init__(
+        self, ir: GraphIR, g: ChannelGraph, macs: dict[str, int], rule_set: RuleSet
+    ) -> None:
         self.g = g
         keys = list(g.spaces)
         self.index = {k: i for i, k in enumerate(keys)}
@@ -143,7 +145,8 @@ class Estimator:
             if n_macs <= 0:
                 continue
             spaces = [self.index[k] for k in self._out_keys(node) if k in self.index]
-            c = self._contracted(ir, node)
+            rule = rule_set.find(node, g.module)
+            c = rule.contracted(g, node) if rule is not None and rule.applies(node) else None
             if c is not None and c in self.index:
                 spaces.append(self.index[c])
             self.terms.append((n_macs, spaces))
@@ -157,35 +160,14 @@ class Estimator:
         for name, idx in by_param.items():
             self.ptensors.append((named[name].numel(), idx))
 
-    def _out_keys(self, node: object) -> list[SpaceKey]:
-        val = _val(node)
-        if isinstance(val, list | tuple) and val and isinstance(val[0], torch.Tensor):
+    def _out_keys(self, node: fx.Node) -> list[SpaceKey]:
+        v = val(node)
+        if isinstance(v, list | tuple) and v and isinstance(v[0], torch.Tensor):
             # an attention module's (output, weights): the output's dims
-            return [self.g.key(node, d, 0) for d in range(val[0].dim())]  # type: ignore[arg-type]
-        if isinstance(val, torch.Tensor):
-            return [self.g.key(node, d) for d in range(val.dim())]  # type: ignore[arg-type]
+            return [self.g.key(node, d, 0) for d in range(v[0].dim())]
+        if isinstance(v, torch.Tensor):
+            return [self.g.key(node, d) for d in range(v.dim())]
         return []
-
-    def _contracted(self, ir: GraphIR, node: object) -> SpaceKey | None:
-        op, target = node.op, node.target  # type: ignore[attr-defined]
-        if op == "call_module":
-            m = ir.module(node)  # type: ignore[arg-type]
-            if isinstance(m, nn.Linear) or (
-                isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1 and not m.transposed
-            ):
-                return ("p", f"{target}.weight", 1)
-            if isinstance(m, nn.MultiheadAttention):
-                return ("p", f"{target}.in_proj_weight", 1)
-            return None
-        weight = _arg(node, 1, "weight") if op == "call_function" else None  # type: ignore[arg-type]
-        if weight is not None and getattr(weight, "op", None) == "get_attr":
-            return ("p", str(weight.target), 1)
-        args = node.args  # type: ignore[attr-defined]
-        if args and _val(args[0]) is not None and isinstance(_val(args[0]), torch.Tensor):
-            a = args[0]
-            if str(getattr(target, "__name__", target)) in ("matmul", "bmm", "mm"):
-                return self.g.key(a, _val(a).dim() - 1)
-        return None
 
     def fractions(self, removed: np.ndarray) -> np.ndarray:
         gone = removed[self.g.comp].astype(np.int64)

@@ -1,0 +1,204 @@
+"""Weighted layers: convolutions (plain, grouped, transposed), linear layers, embeddings.
+
+Their weights' output dimension is what makes an atom prunable (a *producer*); the input
+dimension they contract over is a *consumer*. Each covers the module and the functional
+form (``F.conv2d(x, self.weight)`` with a stored weight).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from graphopt.fxutil import arg, node_arg, set_arg
+
+from ..graph import ChannelGraph, SpaceKey, val
+from .base import OpRule, Resize, concrete
+
+__all__ = ["Conv", "Embedding", "Linear"]
+
+_TRANSPOSED = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+
+
+class Conv(OpRule):
+    """Convolutions, 1-3 d, transposed or not, any groups.
+
+    Without groups, input channels tie to the weight's input dimension and output channels
+    to its output dimension (``(out, in, k…)``, or ``(in, out, k…)`` when transposed). With
+    groups, whole groups go together: input group ``k``, output group ``k`` and the weight
+    rows of group ``k`` (output channels, or input channels when transposed, whose weight
+    is ``(in, out/groups, k…)``); ``groups`` shrinks with them. Spatial dims are mixed.
+    """
+
+    modules = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+               nn.ConvTranspose3d)  # fmt: skip
+    functions = (F.conv1d, F.conv2d, F.conv3d, *_TRANSPOSED)
+
+    def link(self, g: ChannelGraph, node: fx.Node) -> None:
+        x = node_arg(node)
+        if node.op == "call_module":
+            t = str(node.target)
+            m = g.module(node)
+            assert isinstance(m, _ConvNd)
+            b = g.param_key(t, "bias", 0) if m.bias is not None else None
+            w = g.param_key(t, "weight", 0)
+            _conv_like(g, node, x, w, b, m.groups, m.transposed, t)
+            return
+        weight = g.weight_key(arg(node, 1, "weight"), 0)
+        groups = int(concrete(arg(node, 6, "groups", 1)))
+        bias = g.attr_key(arg(node, 2, "bias"), 0)
+        _conv_like(g, node, x, weight, bias, groups, node.target in _TRANSPOSED)
+
+    def resize(self, node: fx.Node, sizes: Resize) -> None:
+        if node.op != "call_module":
+            groups = arg(node, 6, "groups", 1)
+            if isinstance(groups, int) and groups > 1:
+                old_c = val(node).shape[1]
+                set_arg(node, 6, "groups", sizes.dim(node, 1) // (old_c // groups))
+            return
+        m = sizes.module(node)
+        assert isinstance(m, _ConvNd)
+        if m.transposed:
+            if m.groups > 1:
+                per_group_in = m.in_channels // m.groups
+                m.groups = m.weight.shape[0] // per_group_in
+            m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+            return
+        x = node_arg(node)
+        spatial = m.weight.dim() - 2
+        cd = val(x).dim() - spatial - 1
+        new_in = sizes.dim(x, cd)
+        if m.groups > 1:
+            per_group_out = m.out_channels // m.groups
+            m.groups = m.weight.shape[0] // per_group_out
+        m.out_channels = m.weight.shape[0]
+        m.in_channels = new_in
+
+    def contracted(self, g: ChannelGraph, node: fx.Node) -> SpaceKey | None:
+        if node.op == "call_module":
+            m = g.module(node)
+            assert isinstance(m, _ConvNd)
+            if m.groups != 1:
+                return None
+            return ("p", f"{node.target}.weight", 0 if m.transposed else 1)
+        weight = arg(node, 1, "weight")
+        if arg(node, 6, "groups", 1) != 1 or not (
+            isinstance(weight, fx.Node) and weight.op == "get_attr"
+        ):
+            return None
+        return ("p", str(weight.target), 0 if node.target in _TRANSPOSED else 1)
+
+
+def _conv_like(
+    g: ChannelGraph,
+    node: fx.Node,
+    x: fx.Node,
+    w: SpaceKey,
+    b: SpaceKey | None,
+    groups: int,
+    transposed: bool = False,
+    owner: str = "",
+) -> None:
+    vx, out = val(x), val(node)
+    wshape = g.tensor(w[1]).shape
+    spatial = len(wshape) - 2
+    cd = vx.dim() - spatial - 1
+
+    def wk(d: int) -> SpaceKey:
+        return (w[0], w[1], d)
+
+    if cd == 1:
+        g.link(g.key(x, 0), g.key(node, 0))
+    in_dim, out_dim = (0, 1) if transposed else (1, 0)
+    c_out = out.shape[cd]
+    if groups == 1:
+        g.link(g.key(x, cd), wk(in_dim))
+        g.link(g.key(node, cd), wk(out_dim))
+        g.consumers.add(wk(in_dim))
+        made = wk(out_dim)
+    else:
+        # whole groups go together: input group k, output group k, weight rows of group k
+        # (the rows are output channels, or input channels when transposed)
+        ci, co = vx.shape[cd] // groups, c_out // groups
+        g.link(g.key(x, cd), g.key(node, cd), None, (np.arange(vx.shape[cd]) // ci) * co)
+        g.link(g.key(node, cd), g.key(node, cd), None, (np.arange(c_out) // co) * co)
+        g.link(g.key(x if transposed else node, cd), wk(0))
+        made = wk(0)
+    if b is not None:
+        g.link(g.key(node, cd), b)
+    g.produces(made, owner or node.name)
+    for d in range(cd + 1, vx.dim()):
+        g.freeze(g.key(node, d), node, "convolution mixes spatial positions")
+
+
+class Linear(OpRule):
+    """``nn.Linear`` and ``F.linear``: the last dim in, the last dim out."""
+
+    modules = (nn.Linear,)
+    functions = (F.linear,)
+
+    def link(self, g: ChannelGraph, node: fx.Node) -> None:
+        x = node_arg(node)
+        if node.op == "call_module":
+            t = str(node.target)
+            b = g.param_key(t, "bias", 0) if g.module(node).bias is not None else None
+            _linear_like(g, node, x, g.param_key(t, "weight", 0), b, t)
+            return
+        w = g.weight_key(arg(node, 1, "weight"), 0)
+        _linear_like(g, node, x, w, g.attr_key(arg(node, 2, "bias"), 0))
+
+    def resize(self, node: fx.Node, sizes: Resize) -> None:
+        if node.op == "call_module":
+            m = sizes.module(node)
+            assert isinstance(m, nn.Linear)
+            m.out_features, m.in_features = m.weight.shape
+
+    def contracted(self, g: ChannelGraph, node: fx.Node) -> SpaceKey | None:
+        if node.op == "call_module":
+            return ("p", f"{node.target}.weight", 1)
+        weight = arg(node, 1, "weight")
+        if isinstance(weight, fx.Node) and weight.op == "get_attr":
+            return ("p", str(weight.target), 1)
+        return None
+
+
+def _linear_like(
+    g: ChannelGraph, node: fx.Node, x: fx.Node, w: SpaceKey, b: SpaceKey | None, owner: str = ""
+) -> None:
+    r = val(x).dim()
+    g.identity(x, node, range(r - 1))
+    g.link(g.key(x, r - 1), (w[0], w[1], 1))
+    g.consumers.add((w[0], w[1], 1))
+    g.link(g.key(node, r - 1), (w[0], w[1], 0))
+    if b is not None:
+        g.link(g.key(node, r - 1), b)
+    g.produces((w[0], w[1], 0), owner or node.name)
+
+
+class Embedding(OpRule):
+    """``nn.Embedding`` and ``F.embedding``: the embedding dim (the table's columns)."""
+
+    modules = (nn.Embedding,)
+    functions = (F.embedding,)
+
+    def link(self, g: ChannelGraph, node: fx.Node) -> None:
+        x = node_arg(node)
+        r = val(x).dim()
+        g.identity(x, node, range(r))
+        if node.op == "call_module":
+            w = g.param_key(str(node.target), "weight", 1)
+            owner = str(node.target)
+        else:
+            w = g.weight_key(arg(node, 1, "weight"), 1)
+            owner = w[1]
+        g.link(g.key(node, r), w)
+        g.produces(w, owner)
+
+    def resize(self, node: fx.Node, sizes: Resize) -> None:
+        if node.op == "call_module":
+            m = sizes.module(node)
+            assert isinstance(m, nn.Embedding)
+            m.embedding_dim = m.weight.shape[1]
