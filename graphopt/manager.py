@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import GraphoptError, PassCrash, first_line
 from .ir import GraphIR
+from .outputs import primary_output
 from .pass_api import Pass, PassContext
 from .pipeline import format_pipeline, format_step, parse, resolve
 from .plugins import Registry, get_registry
@@ -123,7 +124,8 @@ def _float_leaves(out: Any) -> list[torch.Tensor]:
 def deviation(out: Any, ref: Any) -> Deviation:
     """Max abs error, relative error (‖out−ref‖/‖ref‖) and top-1 agreement of two outputs.
 
-    Top-1 agreement is reported when the first output is a batch of logits (N×C, C>1).
+    Top-1 agreement is reported when the primary output (:func:`primary_output`: the
+    logits) is a batch of logits (N×C, C>1).
     """
     a, b = _float_leaves(out), _float_leaves(ref)
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
@@ -141,8 +143,9 @@ def deviation(out: Any, ref: Any) -> Deviation:
     den = sum(float(y.pow(2).sum()) for y in b) ** 0.5
     rel = num / den if den > 0 else (0.0 if num == 0 else float("inf"))
     top1 = None
-    if a[0].dim() == 2 and a[0].shape[1] > 1:
-        top1 = float((a[0].argmax(1) == b[0].argmax(1)).float().mean())
+    pa, pb = primary_output(out), primary_output(ref)
+    if pa is not None and pb is not None and pa.dim() == 2 and pa.shape[1] > 1:
+        top1 = float((pa.argmax(1) == pb.argmax(1)).float().mean())
     return Deviation(max_abs, rel, top1)
 
 

@@ -23,13 +23,17 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.utils import _pytree as pytree
 
 from .errors import GraphoptError, first_line
 from .manager import Deviation, LedgerEntry, run_model
+from .outputs import primary_output
+
+if TYPE_CHECKING:
+    from .loading import ModelSpec
 
 __all__ = [
     "Latency",
@@ -189,7 +193,7 @@ def _is_artifact_folder(spec: str) -> bool:
 
 
 def load_for_report(
-    spec: str,
+    spec: str | ModelSpec,
     *,
     inputs: tuple[Any, ...] | None = None,
     weights: str | None = None,
@@ -198,55 +202,65 @@ def load_for_report(
     concrete_args: dict[str, Any] | None = None,
 ) -> Loaded:
     """Load MODEL for measuring: anything ``optimize`` takes, plus ``.onnx`` files and the
-    folder artifacts graphopt writes. ``inputs`` overrides the model's own example inputs."""
-    from . import load
+    folder artifacts graphopt writes. ``inputs`` overrides the model's own example inputs;
+    a :class:`ModelSpec` carries the loading options itself."""
+    from dataclasses import replace
+
+    from .loading import ModelSpec, make_inputs
     from .lowering import _load_folder, read_metadata
     from .plugins import get_registry
 
+    if isinstance(spec, str):
+        spec = ModelSpec(
+            spec,
+            weights=weights,
+            trust_pickle=trust_pickle,
+            leaf_modules=list(leaf_modules),
+            concrete_args=concrete_args,
+        )
+    path = spec.spec
     exporters = get_registry().exporters
-    if spec.endswith(".onnx") or _is_artifact_folder(spec):
-        if not os.path.exists(spec):
-            raise GraphoptError(f"model file '{spec}' does not exist; check the path")
+    if path.endswith(".onnx") or _is_artifact_folder(path):
+        if not os.path.exists(path):
+            raise GraphoptError(f"model file '{path}' does not exist; check the path")
         try:
-            metadata = read_metadata(spec, exporters)
+            metadata = read_metadata(path, exporters)
         except Exception as exc:
             raise GraphoptError(
-                f"'{spec}' is not a readable model ({first_line(exc)}); check that it is complete"
+                f"'{path}' is not a readable model ({first_line(exc)}); check that it is complete"
             ) from None
+        if inputs is None and spec.input_shapes:
+            inputs = make_inputs([tuple(s) for s in spec.input_shapes], spec.input_dtypes)
         if inputs is None:
-            raise GraphoptError(f"give the input of '{spec}' with --input-shape, e.g. 1,3,224,224")
-        if spec.endswith(".onnx"):
-            loaded = Loaded(spec, inputs, onnx_path=spec, metadata=metadata)
+            raise GraphoptError(f"give the input of '{path}' with --input-shape, e.g. 1,3,224,224")
+        if path.endswith(".onnx"):
+            loaded = Loaded(path, inputs, onnx_path=path, metadata=metadata)
         else:
             try:
-                module = cast(torch.nn.Module, _load_folder(spec))
+                module = cast(torch.nn.Module, _load_folder(path))
             except Exception as exc:
                 raise GraphoptError(
-                    f"the graphopt folder '{spec}' cannot be loaded ({first_line(exc)}); "
+                    f"the graphopt folder '{path}' cannot be loaded ({first_line(exc)}); "
                     "write it again with graphopt optimize"
                 ) from None
-            loaded = Loaded(spec, inputs, module=module, metadata=metadata)
+            loaded = Loaded(path, inputs, module=module, metadata=metadata)
         _check_runs(loaded)
         return loaded
-    shapes = [tuple(t.shape) for t in inputs] if inputs is not None else None
-    dtypes = [str(t.dtype).replace("torch.", "") for t in inputs] if inputs is not None else []
-    ir = load(
-        spec,
-        input_shapes=shapes,
-        input_dtypes=dtypes,
-        weights=weights,
-        trust_pickle=trust_pickle,
-        leaf_modules=leaf_modules,
-        concrete_args=concrete_args,
-    )
+    if inputs is not None:
+        spec = replace(
+            spec,
+            input_shapes=[tuple(t.shape) for t in inputs],
+            input_dtypes=[str(t.dtype).replace("torch.", "") for t in inputs],
+        )
+    ir = spec.load()
     metadata = None
-    if spec.endswith((".pt2", ".pt", ".pth")) and os.path.isfile(spec):
+    if path.endswith((".pt2", ".pt", ".pth")) and os.path.isfile(path):
         try:  # reached only once load() accepted the file (and its trust flag)
-            metadata = read_metadata(spec, exporters)
+            metadata = read_metadata(path, exporters)
         except Exception:
             metadata = None
     used = inputs if inputs is not None else ir.example_inputs
-    return Loaded(spec, tuple(used), module=ir.gm, ir=ir, metadata=metadata)
+    return Loaded(path, tuple(used), module=ir.gm, ir=ir, metadata=metadata)
 
 
 def _check_runs(loaded: Loaded) -> None:
@@ -352,7 +366,8 @@ def agreement(a: Loaded, b: Loaded, batches: Iterable[Any] | None = None) -> Dev
     count = 0
     for batch in batches if batches is not None else [a.inputs]:
         inputs = tuple(batch) if isinstance(batch, tuple | list) else (batch,)
-        ref, got = _outputs(a, inputs), _outputs(b, inputs)
+        ref_out, got_out = _run(a, inputs), _run(b, inputs)
+        ref, got = _tensors(ref_out), _tensors(got_out)
         if len(ref) != len(got) or any(x.shape != y.shape for x, y in zip(ref, got, strict=True)):
             raise GraphoptError(
                 f"'{b.source}' returns outputs shaped {[tuple(t.shape) for t in got]} where "
@@ -365,18 +380,19 @@ def agreement(a: Loaded, b: Loaded, batches: Iterable[Any] | None = None) -> Dev
                 max_abs = max(max_abs, float((x - y).abs().max()))
             num += float((x - y).pow(2).sum())
             den += float(y.pow(2).sum())
-        if ref and ref[0].dim() == 2 and ref[0].shape[1] > 1:
-            agree += int((got[0].argmax(1) == ref[0].argmax(1)).sum())
-            total += ref[0].shape[0]
+        pref, pgot = primary_output(ref_out), primary_output(got_out)
+        if pref is not None and pgot is not None and pref.dim() == 2 and pref.shape[1] > 1:
+            agree += int((pgot.argmax(1) == pref.argmax(1)).sum())
+            total += pref.shape[0]
     if count == 0:
         raise GraphoptError("the data spec gave no batches; give at least one batch")
     rel = math.sqrt(num) / math.sqrt(den) if den > 0 else (0.0 if num == 0 else math.inf)
     return Deviation(max_abs, rel, agree / total if total else None)
 
 
-def _outputs(model: Loaded, inputs: tuple[Any, ...]) -> list[torch.Tensor]:
+def _run(model: Loaded, inputs: tuple[Any, ...]) -> Any:
     try:
-        return _tensors(model(*inputs))
+        return model(*inputs)
     except Exception as exc:
         shapes = ", ".join("×".join(map(str, getattr(t, "shape", ()))) for t in inputs)
         raise GraphoptError(
