@@ -62,13 +62,18 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+def _data_dependent(exc: BaseException) -> bool:
+    """Whether torch.export failed on control flow that depends on a tensor's values."""
+    return "DataDependent" in type(exc).__name__
+
+
 class CaptureFailure(Exception):
     """One path's failure: why, and the model's own line where it happened."""
 
     def __init__(self, path: str, exc: BaseException) -> None:
         self.path = path
         reason = first_line(exc)
-        if "DataDependent" in type(exc).__name__:  # export's wording names sympy symbols
+        if _data_dependent(exc):  # export's own wording names sympy symbols
             reason = "the code branches on a tensor's values"
         self.reason = reason if len(reason) <= _REASON_CHARS else reason[:_REASON_CHARS] + "…"
         self.frame = _user_frame(exc.__traceback__)
@@ -277,12 +282,14 @@ def export_and_raise(
     preserve = tuple(leaf_paths(model, leaves))
     program = None
     with _quiet():
-        # a leaf called with arguments export cannot record: export again without records
-        with contextlib.suppress(Exception):
+        try:
             program = torch.export.export(
                 model, args, kwargs, strict=False, preserve_module_call_signature=preserve
             )
-        if program is None:
+        except Exception as exc:
+            if _data_dependent(exc):  # the model's own failure: recording calls is not it
+                raise CaptureFailure("export", exc) from None
+        if program is None:  # a leaf called with arguments export cannot record: no records
             try:
                 program = torch.export.export(model, args, kwargs, strict=False)
             except Exception as exc:

@@ -621,12 +621,15 @@ def _avg_pool(fn: Any) -> Callable[[dict[str, Any], fx.Node], _Call]:
 
 def _interpolate(mode: str) -> Callable[[dict[str, Any], fx.Node], _Call | None]:
     def rule(a: dict[str, Any], node: fx.Node) -> _Call | None:
+        x = a.get("input", a.get("self"))
         size, scale = a.get("output_size"), a.get("scale_factors")
+        if any(a.get(k) is not None for k in ("scales", "scales_h", "scales_w", "scales_d")):
+            return None  # sizes and scales both given: F.interpolate would not pass both
         if (size is None) == (scale is None):
             return None
         extra = {"align_corners": a["align_corners"]} if "align_corners" in a else {}
         where = {"size": size} if size is not None else {"scale_factor": scale}
-        return _fn(F.interpolate, a["input"], mode=mode, **where, **extra)
+        return _fn(F.interpolate, x, mode=mode, **where, **extra)
 
     return rule
 
@@ -716,6 +719,8 @@ def _sdpa(a: dict[str, Any], node: fx.Node) -> _Call:
 
 def _pad(a: dict[str, Any], node: fx.Node) -> _Call:
     mode = a.get("mode", "constant")
+    if mode != "constant":
+        return _fn(F.pad, a["self"], a["pad"], mode)
     value = a.get("value")
     return _fn(F.pad, a["self"], a["pad"], mode, value if value is not None else 0.0)
 

@@ -178,18 +178,19 @@ def test_optional_arguments_are_fixed_to_their_defaults_for_fx():
 # -- .pt2 programs given as MODEL ----------------------------------------------------------
 
 
-def _resnet_pt2(tmp_path, *, decomposed: bool = False) -> str:
+@pytest.fixture(scope="module")
+def resnet_pt2(tmp_path_factory) -> str:
+    """torchvision's ResNet-18 saved by torch.export.save, and a decomposed copy beside it."""
+    folder = tmp_path_factory.mktemp("programs")
     model = torchvision.models.resnet18().eval()
     program = torch.export.export(model, (torch.randn(1, 3, 64, 64),))
-    if decomposed:
-        program = program.run_decompositions()
-    path = str(tmp_path / ("decomposed.pt2" if decomposed else "resnet18.pt2"))
-    torch.export.save(program, path)
-    return path
+    torch.export.save(program, folder / "resnet18.pt2")
+    torch.export.save(program.run_decompositions(), folder / "decomposed.pt2")
+    return str(folder / "resnet18.pt2")
 
 
-def test_a_saved_program_is_raised_and_really_pruned_folded_and_quantized(tmp_path):
-    ir = graphopt.load(_resnet_pt2(tmp_path))
+def test_a_saved_program_is_raised_and_really_pruned_folded_and_quantized(resnet_pt2):
+    ir = graphopt.load(resnet_pt2)
     assert ir.capture == "export" and _aten_ops(ir) == []
     kinds = collections.Counter(type(ir.module(n)).__name__ for n in ir.nodes(op="call_module"))
     assert kinds == {"Conv2d": 20, "BatchNorm2d": 20, "Linear": 1}
@@ -200,12 +201,13 @@ def test_a_saved_program_is_raised_and_really_pruned_folded_and_quantized(tmp_pa
     assert result.ledger[-1].stats["layers quantized"] >= 20
 
 
-def test_a_decomposed_program_gets_its_layers_back(tmp_path):
-    ir = graphopt.load(_resnet_pt2(tmp_path, decomposed=True))
+def test_a_decomposed_program_gets_its_layers_back(resnet_pt2):
+    decomposed = resnet_pt2.replace("resnet18.pt2", "decomposed.pt2")
+    ir = graphopt.load(decomposed)
     kinds = collections.Counter(type(ir.module(n)).__name__ for n in ir.nodes(op="call_module"))
     assert kinds["Conv2d"] == 20 and kinds["BatchNorm2d"] == 20 and kinds["Linear"] == 1
     x = ir.example_inputs[0]
-    program = torch.export.load(str(tmp_path / "decomposed.pt2"))
+    program = torch.export.load(decomposed)
     torch.testing.assert_close(ir.gm(x), program.module()(x))
 
 
@@ -261,8 +263,8 @@ def test_graphopt_pt2_artifacts_go_through_more_passes(tmp_path, capsys):
     assert ledger[2]["stats"]["BN folded"] == 20
 
 
-def test_a_raised_program_pickles_without_fake_tensors(tmp_path):
-    program = torch.export.load(_resnet_pt2(tmp_path))
+def test_a_raised_program_pickles_without_fake_tensors(resnet_pt2):
+    program = torch.export.load(resnet_pt2)
     gm = raise_program(program)
     gm2 = pickle.loads(pickle.dumps(gm))
     x = torch.randn(1, 3, 64, 64)
