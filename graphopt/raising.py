@@ -113,6 +113,8 @@ class _Raiser:
         self.position = {n: i for i, n in enumerate(old_nodes)}
         self.base = _alias_bases(old_nodes)
         self.first_only: set[fx.Node] = set()
+        self.order: dict[fx.Node, int] = {}  # copied node -> position at copy time
+        self.scopes: dict[str, list[fx.Node]] = {}  # module-stack key -> copied nodes in it
         self.replaced: dict[fx.Node, fx.Node] = {}  # raised away -> what stands for it
         self.aliases: dict[fx.Node, list[fx.Node]] = {}
         for node, base in self.base.items():
@@ -230,6 +232,9 @@ class _Raiser:
         new = self.graph.create_node(call.op, call.target, call.args, call.kwargs, name=name)
         new.meta[NAME] = name
         new.meta["export_stack"] = dict(node.meta.get("nn_module_stack") or {})
+        self.order[new] = len(self.order)
+        for key in new.meta["export_stack"]:
+            self.scopes.setdefault(key, []).append(new)
         for key in ("val", "stack_trace"):
             if key in node.meta:
                 new.meta[key] = node.meta[key]
@@ -361,7 +366,7 @@ class _Raiser:
         if getters is None or len(getters) != len(outputs):
             return
         args, kwargs = pytree.tree_unflatten(inputs, signature.in_spec)
-        first = min(group, key=self._order().__getitem__)
+        first = min(group, key=self.order.__getitem__)
         with self.graph.inserting_before(first):
             call = self.graph.call_module(path, tuple(args), dict(kwargs))
         call.meta[NAME] = path.replace(".", "_")
@@ -382,11 +387,8 @@ class _Raiser:
                     getter = self.graph.call_function(fn, (getter, item))
             out.replace_all_uses_with(getter, delete_user_cb=lambda u: u not in group)
             self.replaced[out] = getter
-        for member in sorted(group, key=self._order().__getitem__, reverse=True):
+        for member in sorted(group, key=self.order.__getitem__, reverse=True):
             self.graph.erase_node(member)
-
-    def _order(self) -> dict[fx.Node, int]:
-        return {n: i for i, n in enumerate(self.graph.nodes)}
 
     def _group(self, path: str, count: int, produced: list[fx.Node]) -> set[fx.Node] | None:
         """The nodes traced inside one call of the module at ``path``: those whose module
@@ -394,10 +396,8 @@ class _Raiser:
         if not produced:
             return None
         keys = {_scope_key(n.meta.get("export_stack", {}), path, count) for n in produced}
-        if len(keys) != 1 or None in keys:
-            return None
-        key = keys.pop()
-        return {n for n in self.graph.nodes if key in n.meta.get("export_stack", {})}
+        key = keys.pop() if len(keys) == 1 else None
+        return set(self.scopes.get(key, ())) if key is not None else None
 
     # -- step 3: functional layers on stored weights to module calls ------------------------
 

@@ -243,6 +243,11 @@ def _hf_type(model_type: str, options: dict[str, Any], spec: str) -> nn.Module:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     known = sorted(CONFIG_MAPPING_NAMES)
+    parent = os.path.dirname(model_type)
+    if model_type.startswith((".", "/", "~")) or (parent and os.path.isdir(parent)):
+        raise GraphoptError(
+            f"folder '{model_type}' does not exist; give a folder written by save_pretrained"
+        )
     if model_type not in CONFIG_MAPPING_NAMES:
         looks_like_hub = "/" in model_type or "-" in model_type
         hint = (

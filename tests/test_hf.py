@@ -152,6 +152,7 @@ def test_hf_spec_errors_are_one_sentence(tmp_path):
         "hf:bert?num_hiden_layers=2": "did you mean num_hidden_layers",
         "hf:bert?architectures=BertForNothing": "does not have",
         f"hf:{tmp_path}": "has no config.json",
+        f"hf:{tmp_path / 'missing'}": "does not exist",
     }
     for spec, fragment in cases.items():
         with pytest.raises(graphopt.GraphoptError, match=fragment) as info:
