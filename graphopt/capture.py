@@ -138,9 +138,9 @@ def capture(
             )
         except CaptureFailure as failure:
             if mode == "fx":
+                hint = _hint([failure]) if failure.owner else "try --capture export"
                 raise GraphoptError(
-                    f"cannot trace the model with torch.fx: {failure.describe()}; "
-                    f"{_hint([failure])}"
+                    f"cannot trace the model with torch.fx: {failure.describe()}; {hint}"
                 ) from None
             failures.append(failure)
     try:

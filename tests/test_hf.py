@@ -160,6 +160,13 @@ def test_hf_spec_errors_are_one_sentence(tmp_path):
         assert "\n" not in str(info.value)
 
 
+def test_forcing_fx_on_a_transformers_model_points_to_export():
+    with pytest.raises(graphopt.GraphoptError) as info:
+        graphopt.load(spec_of("distilbert"), capture="fx")
+    assert str(info.value).startswith("cannot trace the model with torch.fx: ")
+    assert str(info.value).endswith("; try --capture export")
+
+
 def test_task_head_comes_from_the_configuration(tmp_path):
     masked = load_model("hf:bert?architectures=BertForMaskedLM&" + FAMILIES["bert"]).module
     assert type(masked).__name__ == "BertForMaskedLM"
