@@ -186,7 +186,7 @@ def resnet_pt2(tmp_path_factory) -> str:
     """torchvision's ResNet-18 saved by torch.export.save, and a decomposed copy beside it."""
     folder = tmp_path_factory.mktemp("programs")
     model = torchvision.models.resnet18().eval()
-    program = torch.export.export(model, (torch.randn(1, 3, 64, 64),))
+    program = torch.export.export(model, (torch.randn(1, 3, 32, 32),))
     torch.export.save(program, folder / "resnet18.pt2")
     torch.export.save(program.run_decompositions(), folder / "decomposed.pt2")
     return str(folder / "resnet18.pt2")
@@ -252,7 +252,7 @@ def test_a_program_without_its_model_gets_every_layer_rebuilt(tmp_path):
 
 def test_graphopt_pt2_artifacts_go_through_more_passes(tmp_path, capsys):
     first, second = tmp_path / "a.pt2", tmp_path / "b.pt"
-    shape = ["--input-shape", "1,3,64,64"]
+    shape = ["--input-shape", "1,3,32,32"]
     run = run_main(capsys, "optimize", "torchvision:resnet18", *shape, "--passes", "cleanup",
                    "-o", str(first))  # fmt: skip
     assert run.code == 0, run.stderr
@@ -270,7 +270,7 @@ def test_a_raised_program_pickles_without_fake_tensors(resnet_pt2):
     program = torch.export.load(resnet_pt2)
     gm = raise_program(program)
     gm2 = pickle.loads(pickle.dumps(gm))
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(gm2(x), gm(x))
 
 

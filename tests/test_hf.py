@@ -87,11 +87,16 @@ def assert_vocabulary(ir: GraphIR, model: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_captures_through_export_and_runs_like_eager(family, tmp_path):
-    model, ir, names = capture(spec_of(family))
-    assert ir.capture == "export"
+def test_family_loads_from_its_type_and_folder_and_runs_like_eager_through_export(family, tmp_path):
+    """hf:TYPE builds the family with random weights; save_pretrained and hf:DIR give the
+    same model back, which export captures and whose raised graph computes what it does."""
+    model = load_model(spec_of(family)).module
+    assert model is not None
+    model.save_pretrained(tmp_path / family)
+    again, ir, names = capture(f"hf:{tmp_path / family}")
+    assert type(again) is type(model) and ir.capture == "export"
     inputs = ir.example_inputs
-    assert_runs_like(model, ir, names, inputs)
+    assert_runs_like(model, ir, names, inputs)  # the folder held the same weights
     if names[0] == "input_ids":
         assert names == ["input_ids", "attention_mask"]
         ids, mask = inputs
@@ -99,16 +104,10 @@ def test_family_captures_through_export_and_runs_like_eager(family, tmp_path):
         padded = mask.clone()
         padded[:, -5:] = 0  # the raised graph follows the mask, not the example's values
         assert_runs_like(model, ir, names, (ids, padded))
-    assert_vocabulary(ir, model)
+    assert_vocabulary(ir, again)
     result = graphopt.optimize(ir, "cleanup,fold")
     assert max(e.rel_err for e in result.ledger) < 1e-6
     assert not any("exact pass changed" in note for e in result.ledger for note in e.notes)
-    # the same weights through a save_pretrained folder
-    model.save_pretrained(tmp_path / family)
-    again, ir2, _ = capture(f"hf:{tmp_path / family}")
-    assert type(again) is type(model) and ir2.capture == "export"
-    with torch.no_grad():
-        torch.testing.assert_close(ir2.gm(*inputs).logits, ir.gm(*inputs).logits)
 
 
 def test_top1_and_primary_output_of_a_model_output():
@@ -122,7 +121,8 @@ def test_top1_and_primary_output_of_a_model_output():
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_token_models_lower_to_onnx_and_a_reloadable_pt(family, tmp_path):
-    _, ir, _ = capture(spec_of(family))
+    one_layer = spec_of(family).replace("num_hidden_layers=2", "num_hidden_layers=1")
+    _, ir, _ = capture(one_layer)
     for suffix in (".onnx", ".pt"):
         out = tmp_path / f"{family}{suffix}"
         graphopt.optimize(ir, "cleanup", output=out)

@@ -138,10 +138,10 @@ def test_files_that_are_not_pytorch_models_say_what_graphopt_loads(tmp_path):
 def test_model_spec_carries_every_loading_option(tmp_path):
     from safetensors.torch import save_file
 
-    source = torchvision.models.resnet18(num_classes=10)
+    source = torchvision.models.squeezenet1_1(num_classes=10)
     save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
     spec = graphopt.ModelSpec(
-        "torchvision:resnet18?num_classes=10",
+        "torchvision:squeezenet1_1?num_classes=10",
         weights=str(tmp_path / "w.safetensors"),
         input_shapes=[(2, 3, 32, 32)],
         capture="export",
@@ -151,7 +151,7 @@ def test_model_spec_carries_every_loading_option(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ir.gm(*ir.example_inputs), source.eval()(*ir.example_inputs))
     same = graphopt.load(
-        "torchvision:resnet18?num_classes=10",
+        "torchvision:squeezenet1_1?num_classes=10",
         weights=str(tmp_path / "w.safetensors"),
         input_shapes=[(2, 3, 32, 32)],
         capture="fx",
