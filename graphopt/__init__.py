@@ -19,9 +19,11 @@ from .errors import GraphoptError, PassCrash, PluginError
 from .extensions import Analysis, Criterion, CriterionInput, Exporter, LossFn, LossInputs, Saliency
 from .hookspecs import hookimpl, hookspec
 from .ir import ORIGIN, GraphIR, NodeCost
+from .loading import ModelSpec, load_ir
 from .lowering import lower, read_metadata
 from .manager import LedgerEntry, PassManager, Result
 from .measuring import Deviation, deviation, run_model
+from .outputs import primary_output
 from .pass_api import NamePatterns, NoOptions, Pass, PassContext, option, split_batch
 from .plugins import (
     PluginInfo,
@@ -45,6 +47,7 @@ __all__ = [
     "LedgerEntry",
     "LossFn",
     "LossInputs",
+    "ModelSpec",
     "NamePatterns",
     "NoOptions",
     "NodeCost",
@@ -68,6 +71,7 @@ __all__ = [
     "lower",
     "optimize",
     "option",
+    "primary_output",
     "read_metadata",
     "registry_in_effect",
     "run_model",
@@ -82,18 +86,26 @@ def trace(
     *,
     leaf_modules: Iterable[str] = (),
     concrete_args: dict[str, Any] | None = None,
+    capture: str = "auto",
+    input_names: Sequence[str] | None = None,
 ) -> GraphIR:
-    """Trace a module into a :class:`GraphIR` (see :meth:`GraphIR.trace`) that knows the
-    analyses of the registry in effect, plugins' included."""
+    """Capture a module as a :class:`GraphIR` (see :meth:`GraphIR.trace`) that knows the
+    analyses of the registry in effect, plugins' included: ``capture`` is ``"auto"``
+    (torch.fx, then torch.export if fx fails), ``"fx"`` or ``"export"``."""
     ir = GraphIR.trace(
-        model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args
+        model,
+        example_inputs,
+        leaf_modules=leaf_modules,
+        concrete_args=concrete_args,
+        capture=capture,
+        input_names=input_names,
     )
     ir.analyses = registry_in_effect().analyses
     return ir
 
 
 def load(
-    spec: str,
+    spec: str | ModelSpec,
     *,
     input_shapes: Sequence[Sequence[int]] | None = None,
     input_dtypes: Sequence[str] = (),
@@ -101,33 +113,26 @@ def load(
     trust_pickle: bool = False,
     leaf_modules: Iterable[str] = (),
     concrete_args: dict[str, Any] | None = None,
+    capture: str = "auto",
 ) -> GraphIR:
-    """Load a MODEL argument as the CLI does (``torchvision:resnet18``, ``pkg.mod:factory``,
-    a ``.pt``/``.pt2`` file) and trace it, with seeded random example inputs; the IR knows
-    the analyses of the registry in effect, plugins' included."""
-    from .loading import load_model, make_inputs
-
-    loaded = load_model(spec, weights=weights, trust_pickle=trust_pickle)
-    if input_shapes:
-        inputs = make_inputs([tuple(s) for s in input_shapes], input_dtypes)
-    elif loaded.example_inputs is not None:
-        inputs = loaded.example_inputs
-    elif loaded.input_shapes:
-        inputs = make_inputs(loaded.input_shapes, input_dtypes)
-    else:
-        raise GraphoptError(
-            f"cannot guess the input of '{spec}'; give its shape with --input-shape, e.g. "
-            "--input-shape 1,3,224,224"
+    """Load a MODEL argument as the CLI does (``torchvision:resnet18``, ``timm:resnet18``,
+    ``hf:bert?num_hidden_layers=2``, ``hf:DIR``, ``pkg.mod:factory``, a ``.pt``/``.pt2``
+    file) and capture it, with seeded random example inputs; the IR knows the analyses of
+    the registry in effect, plugins' included. A :class:`ModelSpec` carries all the options
+    at once (the keyword arguments are then ignored)."""
+    if isinstance(spec, str):
+        spec = ModelSpec(
+            spec,
+            weights=weights,
+            trust_pickle=trust_pickle,
+            input_shapes=[tuple(s) for s in input_shapes or []],
+            input_dtypes=list(input_dtypes),
+            leaf_modules=list(leaf_modules),
+            concrete_args=concrete_args,
+            capture=capture,
         )
-    ir = GraphIR.trace(
-        loaded.module,
-        inputs,
-        leaf_modules=leaf_modules,
-        concrete_args=concrete_args,
-        source=loaded.source,
-    )
+    ir = load_ir(spec)
     ir.analyses = registry_in_effect().analyses
-    ir.analysis("shapes")
     return ir
 
 
@@ -142,7 +147,8 @@ def optimize(
     """Run a pipeline on a model (never mutated) and optionally lower the result to ``output``.
 
     ``model`` is a module (with ``example_inputs``), a traced :class:`GraphIR`, or a MODEL
-    spec string as the CLI takes it (``"torchvision:resnet18"``, ``"model.pt2"`` …).
+    spec string as the CLI takes it (``"torchvision:resnet18"``, ``"hf:bert"``,
+    ``"model.pt2"`` …).
     """
     if isinstance(model, str):
         if example_inputs is None:
@@ -151,7 +157,11 @@ def optimize(
             from .loading import load_model
 
             loaded = load_model(model)
-            ir = GraphIR.trace(loaded.module, example_inputs, source=loaded.source)
+            captured = loaded.program if loaded.program is not None else loaded.module
+            assert captured is not None
+            ir = GraphIR.trace(
+                captured, example_inputs, source=loaded.source, input_names=loaded.input_names
+            )
     elif isinstance(model, GraphIR):
         ir = model
     else:

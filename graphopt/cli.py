@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect as pyinspect
 import json
 import os
 import sys
+import typing
 import warnings
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Annotated, Any
 
 import typer
@@ -15,6 +20,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from typer.core import TyperGroup
 
 from .errors import GraphoptError, PassCrash, first_line
+from .loading import ModelSpec
 from .plugins import PluginWarning, Registry, get_registry
 from .version import __version__
 
@@ -107,30 +113,117 @@ def _root(
 Model = Annotated[
     str,
     typer.Argument(
-        help="A .pt/.pth/.pt2 file, torchvision:NAME, or package.module:factory.",
+        help="A .pt/.pth/.pt2 file, torchvision:NAME, timm:NAME, hf:TYPE, hf:DIR or "
+        "package.module:factory (zoo options after '?', e.g. hf:bert?num_hidden_layers=2).",
         show_default=False,
     ),
 ]
-Weights = Annotated[str | None, typer.Option("--weights", help="State dict to load into MODEL.")]
-Trust = Annotated[
-    bool,
-    typer.Option("--trust-pickle", help="Allow loading a pickled whole module (runs its code)."),
+
+#: the model-loading options, each declared once; :func:`_model_options` gives them to a command
+_MODEL_OPTIONS: list[tuple[str, Any, Any]] = [
+    (
+        "weights",
+        Annotated[str | None, typer.Option("--weights", help="State dict to load into MODEL.")],
+        None,
+    ),
+    (
+        "trust_pickle",
+        Annotated[
+            bool,
+            typer.Option(
+                "--trust-pickle", help="Allow loading a pickled whole module (runs its code)."
+            ),
+        ],
+        False,
+    ),
+    (
+        "input_shape",
+        Annotated[
+            list[str] | None,
+            typer.Option(
+                "--input-shape", help="Example input shape, e.g. 1,3,224,224 (one per input)."
+            ),
+        ],
+        None,
+    ),
+    (
+        "input_dtype",
+        Annotated[
+            list[str] | None,
+            typer.Option("--input-dtype", help="Input dtype, e.g. float32 or int64."),
+        ],
+        None,
+    ),
+    (
+        "leaf_module",
+        Annotated[
+            list[str] | None,
+            typer.Option("--leaf-module", help="Module (class or qualified name) to keep opaque."),
+        ],
+        None,
+    ),
+    (
+        "concrete_arg",
+        Annotated[
+            list[str] | None,
+            typer.Option(
+                "--concrete-arg", help="Fix a forward argument while tracing: NAME=VALUE."
+            ),
+        ],
+        None,
+    ),
+    (
+        "capture",
+        Annotated[
+            str,
+            typer.Option(
+                "--capture",
+                help="How to capture MODEL: auto (torch.fx, then torch.export), fx or export.",
+            ),
+        ],
+        "auto",
+    ),
 ]
-Shapes = Annotated[
-    list[str] | None,
-    typer.Option("--input-shape", help="Example input shape, e.g. 1,3,224,224 (one per input)."),
-]
-Dtypes = Annotated[
-    list[str] | None, typer.Option("--input-dtype", help="Input dtype, e.g. float32 or int64.")
-]
-Leaves = Annotated[
-    list[str] | None,
-    typer.Option("--leaf-module", help="Module (class or qualified name) to keep opaque."),
-]
-Concrete = Annotated[
-    list[str] | None,
-    typer.Option("--concrete-arg", help="Fix a forward argument while tracing: NAME=VALUE."),
-]
+
+
+def _model_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` the model-loading options; it receives them as one :class:`ModelSpec`
+    in its ``spec`` parameter (whose ``spec`` field is left empty for the command to fill)."""
+    signature = pyinspect.signature(command)
+    kept = [p for p in signature.parameters.values() if p.name != "spec"]
+    added = [
+        pyinspect.Parameter(
+            name, pyinspect.Parameter.KEYWORD_ONLY, annotation=kind, default=default
+        )
+        for name, kind, default in _MODEL_OPTIONS
+    ]
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        values = {name: kwargs.pop(name) for name, _, _ in _MODEL_OPTIONS}
+        from .loading import parse_shape
+
+        if values["capture"] not in ("auto", "fx", "export"):
+            raise GraphoptError(f"--capture must be auto, fx or export, not '{values['capture']}'")
+        kwargs["spec"] = ModelSpec(
+            "",
+            weights=values["weights"],
+            trust_pickle=values["trust_pickle"],
+            input_shapes=[parse_shape(v) for v in values["input_shape"] or []],
+            input_dtypes=values["input_dtype"] or [],
+            leaf_modules=values["leaf_module"] or [],
+            concrete_args=_concrete(values["concrete_arg"]),
+            capture=values["capture"],
+        )
+        command(*args, **kwargs)
+
+    hints = typing.get_type_hints(command, include_extras=True)
+    params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in kept]
+    run.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*params, *added], return_annotation=None
+    )
+    run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}  # type: ignore[attr-defined]
+    return run
 
 
 def _concrete(values: list[str] | None) -> dict[str, Any] | None:
@@ -148,33 +241,15 @@ def _concrete(values: list[str] | None) -> dict[str, Any] | None:
     return parsed
 
 
-def _load(
-    model: str,
-    weights: str | None,
-    trust: bool,
-    shapes: list[str] | None,
-    dtypes: list[str] | None,
-    leaves: list[str] | None,
-    concrete: list[str] | None,
-) -> Any:
-    from . import load
-    from .loading import parse_shape
-
-    return load(
-        model,
-        input_shapes=[parse_shape(s) for s in shapes or []],
-        input_dtypes=dtypes or [],
-        weights=weights,
-        trust_pickle=trust,
-        leaf_modules=leaves or [],
-        concrete_args=_concrete(concrete),
-    )
+def _load(spec: ModelSpec, model: str) -> Any:
+    return replace(spec, spec=model).load()
 
 
 # -- commands --------------------------------------------------------------------------------
 
 
 @app.command()
+@_model_options
 def optimize(
     ctx: typer.Context,
     model: Model,
@@ -185,12 +260,6 @@ def optimize(
         str,
         typer.Option("-o", "--output", help="Output: .pt2, .pt, .onnx, or a directory."),
     ],
-    weights: Weights = None,
-    trust_pickle: Trust = False,
-    input_shape: Shapes = None,
-    input_dtype: Dtypes = None,
-    leaf_module: Leaves = None,
-    concrete_arg: Concrete = None,
     data: Annotated[
         str | None,
         typer.Option("--data", help="Calibration/training data: tensor file or module:callable."),
@@ -213,6 +282,8 @@ def optimize(
             "(default: the temporary directory, weights only up to 32 MB).",
         ),
     ] = None,
+    *,
+    spec: ModelSpec,
 ) -> None:
     """Run a pass pipeline on MODEL and write the verified result to -o."""
     from .loading import load_data
@@ -235,9 +306,7 @@ def optimize(
     batches = load_data(data) if data else None
     with _progress() as progress:
         task = progress.add_task("loading and tracing", total=len(manager.passes) + 2)
-        ir = _load(
-            model, weights, trust_pickle, input_shape, input_dtype, leaf_module, concrete_arg
-        )
+        ir = _load(spec, model)
         progress.update(task, advance=1, description=f"running {manager.passes[0].name}")
         names = [p.name for p in manager.passes]
         done = [0]  # ledger entries seen after the input row (a pass may appear twice)
@@ -309,6 +378,7 @@ def _progress() -> Progress:
 
 
 @app.command()
+@_model_options
 def inspect(
     ctx: typer.Context,
     model: Model,
@@ -333,12 +403,8 @@ def inspect(
         str | None,
         typer.Option("--plot", help="With --passes/--compare: chart of channels per layer (PNG)."),
     ] = None,
-    weights: Weights = None,
-    trust_pickle: Trust = False,
-    input_shape: Shapes = None,
-    input_dtype: Dtypes = None,
-    leaf_module: Leaves = None,
-    concrete_arg: Concrete = None,
+    *,
+    spec: ModelSpec,
 ) -> None:
     """Show MODEL's graph: nodes with shapes, params and MACs; as a picture or a page."""
     from .report import write_text_atomic
@@ -353,20 +419,20 @@ def inspect(
     for path in (output, plot):
         if path:
             check_output_file(path)
-    load_args = (trust_pickle, input_shape, input_dtype, leaf_module, concrete_arg)
-    ir = _load(model, weights, *load_args)
+    ir = _load(spec, model)
     before = None
     title = f"{model} against {compare}" if compare else model
     if compare:
         from .views import compare_graphs
 
-        before = _load(compare, None, *load_args)
+        before = _load(replace(spec, weights=None), compare)
         matched = compare_graphs(before, ir).matched
         if matched < 0.5:
             _console(stderr=True).print(
                 f"note: only {matched:.0%} of the nodes of {model} match a node of {compare} "
-                "(reloaded artifacts such as .pt2 lose node names and provenance); for a "
-                "faithful comparison run the pipeline with --passes instead",
+                "(nodes are matched by name, and a model of another structure or a reloaded "
+                ".pt file names them differently); for a faithful comparison run the "
+                "pipeline with --passes instead",
                 highlight=False,
                 markup=False,
                 soft_wrap=True,
@@ -399,6 +465,7 @@ def inspect(
 
 
 @app.command()
+@_model_options
 def report(
     model: Model,
     other: Annotated[
@@ -407,12 +474,6 @@ def report(
             help="A second model (e.g. MODEL optimised) to compare with MODEL.", show_default=False
         ),
     ] = None,
-    weights: Weights = None,
-    trust_pickle: Trust = False,
-    input_shape: Shapes = None,
-    input_dtype: Dtypes = None,
-    leaf_module: Leaves = None,
-    concrete_arg: Concrete = None,
     data: Annotated[
         str | None,
         typer.Option("--data", help="Batches to compare the two models on (default: probe input)."),
@@ -426,9 +487,11 @@ def report(
         bool, typer.Option("--onnx/--no-onnx", help="Also time the model in onnxruntime.")
     ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    *,
+    spec: ModelSpec,
 ) -> None:
     """Measure MODEL (params, MACs, size, CPU latency); with OTHER, compare the two."""
-    from .loading import load_data, make_inputs, parse_shape
+    from .loading import load_data
     from .profiling import agreement, load_for_report, measure, torch_threads
     from .report import print_report, report_json
 
@@ -436,21 +499,14 @@ def report(
         raise GraphoptError("--runs and --threads must be at least 1 and --warmup at least 0")
     if data is not None and other is None:
         raise GraphoptError("--data is for comparing two models; give OTHER as well")
-    shapes = [parse_shape(s) for s in input_shape or []]
-    inputs = make_inputs(shapes, input_dtype or []) if shapes else None
-    args: dict[str, Any] = {
-        "trust_pickle": trust_pickle,
-        "leaf_modules": leaf_module or [],
-        "concrete_args": _concrete(concrete_arg),
-    }
     batches = load_data(data) if data else None
     with _progress() as progress, torch_threads(threads):
         progress.add_task(f"measuring {model}", total=None)
-        first = load_for_report(model, inputs=inputs, weights=weights, **args)
+        first = load_for_report(replace(spec, spec=model))
         reports = [measure(first, runs=runs, warmup=warmup, onnx=onnx)]
         agree = None
         if other is not None:
-            second = load_for_report(other, inputs=first.inputs, **args)
+            second = load_for_report(replace(spec, spec=other, weights=None), inputs=first.inputs)
             reports.append(measure(second, runs=runs, warmup=warmup, onnx=onnx))
             agree = agreement(first, second, batches)
     if as_json:

@@ -17,8 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch.fx as fx
+from torch import nn
 
-__all__ = ["arg", "int_arg", "node_arg", "set_arg"]
+__all__ = ["arg", "fetch", "int_arg", "node_arg", "set_arg"]
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -54,3 +55,12 @@ def set_arg(node: fx.Node, index: int, name: str, value: Any) -> None:
         node.args = (*node.args[:index], value, *node.args[index + 1 :])
     else:
         node.kwargs = {**node.kwargs, name: value}
+
+
+def fetch(root: nn.Module, target: str) -> Any:
+    """What ``root`` holds at the dotted path ``target`` (a submodule, parameter, buffer or
+    plain attribute, as a ``get_attr`` node reads it); AttributeError when nothing is there."""
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

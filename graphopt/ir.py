@@ -20,18 +20,18 @@ from __future__ import annotations
 import copy
 import fnmatch
 import html
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from types import TracebackType
 from typing import Any
 
 import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.export import ExportedProgram
 
-from .errors import GraphoptError, first_line
+from .errors import GraphoptError
+from .fxutil import fetch
 from .shapes import NodeCost, node_costs, packed_weights, propagate_shapes
 
 __all__ = [
@@ -47,15 +47,6 @@ __all__ = [
 
 #: node.meta key holding the name of the original node this node stands for
 ORIGIN = "graphopt_origin"
-
-
-def fetch(root: nn.Module, target: str) -> Any:
-    """What ``root`` holds at the dotted path ``target`` (a submodule, parameter, buffer or
-    plain attribute, as a ``get_attr`` node reads it); AttributeError when nothing is there."""
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def free_name(root: nn.Module, base: str) -> str:
@@ -85,60 +76,6 @@ def store_tensor(root: nn.Module, target: str, value: torch.Tensor) -> torch.Ten
     else:
         setattr(owner, name, value)
     return getattr(owner, name)
-
-
-class _Tracer(fx.Tracer):
-    """fx tracer that also treats user-named modules (qualified or class name) as leaves."""
-
-    def __init__(self, leaves: Iterable[str] = ()) -> None:
-        super().__init__()
-        self.leaves = set(leaves)
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self.leaves or type(m).__name__ in self.leaves:
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-
-def _user_frame(tb: TracebackType | None) -> tuple[str, int, str] | None:
-    """The innermost traceback frame outside torch: the model's own line that failed."""
-    torch_dir = os.path.dirname(torch.__file__)
-    here = os.path.dirname(__file__)
-    found = None
-    while tb is not None:
-        code = tb.tb_frame.f_code
-        if not code.co_filename.startswith((torch_dir, here)):
-            owner = tb.tb_frame.f_locals.get("self")
-            where = f"{type(owner).__name__}.{code.co_name}" if owner is not None else code.co_name
-            found = (code.co_filename, tb.tb_lineno, where)
-        tb = tb.tb_next
-    return found
-
-
-def _drop_guarded_placeholders(graph: fx.Graph) -> None:
-    """Remove placeholders that concrete_args fixed, with the guards fx adds for them.
-
-    fx keeps such an argument as a placeholder whose only use is an assertion that the
-    caller passes the traced value; with the value baked in, the input is dead weight and
-    would make the model's signature differ from its example inputs.
-    """
-    for node in list(graph.nodes):
-        if node.op != "placeholder":
-            continue
-        reach = set()
-        stack = [node]
-        while stack:
-            current = stack.pop()
-            if current in reach:
-                continue
-            reach.add(current)
-            stack.extend(current.users)
-        if any(n.op == "output" for n in reach):
-            continue
-        if not any(n.op == "call_function" and n.target is torch._assert for n in reach):
-            continue
-        for dead in sorted(reach, key=lambda n: -GraphIR.position(n)):
-            graph.erase_node(dead)
 
 
 def _shallow_module(m: nn.Module, done: dict[int, nn.Module]) -> nn.Module:
@@ -240,38 +177,61 @@ class GraphIR:
     @classmethod
     def trace(
         cls,
-        model: nn.Module,
+        model: nn.Module | ExportedProgram,
         example_inputs: Sequence[Any],
         *,
         leaf_modules: Iterable[str] = (),
         concrete_args: dict[str, Any] | None = None,
         source: str = "",
+        capture: str = "auto",
+        input_names: Sequence[str] | None = None,
     ) -> GraphIR:
-        """Trace ``model`` with torch.fx; a model that is already a GraphModule is used as is.
+        """Capture ``model`` as a graph (see :mod:`graphopt.capture`): with torch.fx symbolic
+        tracing, with torch.export raised to the same vocabulary, or (``capture="auto"``)
+        fx first and export if fx fails. A GraphModule is used as is (unless export is
+        forced or modules must be kept opaque), an ``ExportedProgram`` is raised.
 
-        ``leaf_modules`` names modules (by qualified name or class name) to keep opaque, and
-        ``concrete_args`` fixes forward arguments to constants; both are the usual cures
-        for a model whose Python control flow depends on its inputs.
+        ``leaf_modules`` names modules (by qualified name or class name) to keep as single
+        calls, and ``concrete_args`` fixes forward arguments to constants: the usual cures
+        for a model whose Python control flow depends on its inputs. ``input_names`` binds
+        the example inputs to ``forward``'s arguments by name (e.g. ``input_ids``,
+        ``attention_mask``); arguments with defaults that get no input are not inputs.
         """
-        if isinstance(model, fx.GraphModule) and not leaf_modules and not concrete_args:
-            return cls(model, example_inputs, source=source)
-        tracer = _Tracer(leaf_modules)
-        try:
-            graph = tracer.trace(model, concrete_args)
-        except Exception as exc:
-            frame = _user_frame(exc.__traceback__)
-            where = f" at {frame[0]}:{frame[1]} in {frame[2]}" if frame else ""
-            owner = frame[2].split(".")[0] if frame and "." in frame[2] else "NAME"
+        from .capture import CAPTURE, CAPTURE_MODES
+        from .capture import capture as run_capture
+
+        if capture not in CAPTURE_MODES:
             raise GraphoptError(
-                f"cannot trace the model with torch.fx: {first_line(exc)}{where}; keep that "
-                f"module opaque with --leaf-module {owner} or fix the argument with "
-                "--concrete-arg NAME=VALUE"
-            ) from None
-        _drop_guarded_placeholders(graph)
-        name = type(model).__name__
-        gm = fx.GraphModule(tracer.root, graph, name)
-        gm.train(model.training)
+                f"capture must be one of {', '.join(CAPTURE_MODES)}, not '{capture}'"
+            )
+        if isinstance(model, ExportedProgram):
+            if capture != "fx":
+                from .raising import raise_program
+
+                gm = raise_program(model)
+                gm.meta[CAPTURE] = "export"
+                return cls(gm, example_inputs, source=source)
+            model = model.module()
+        keep = isinstance(model, fx.GraphModule) and not leaf_modules and not concrete_args
+        if keep and capture != "export":
+            assert isinstance(model, fx.GraphModule)
+            return cls(model, example_inputs, source=source)
+        gm = run_capture(
+            model,
+            example_inputs,
+            input_names=input_names,
+            leaf_modules=leaf_modules,
+            concrete_args=concrete_args,
+            mode=capture,
+        )
         return cls(gm, example_inputs, source=source)
+
+    @property
+    def capture(self) -> str:
+        """How the graph was captured: ``"fx"`` (symbolic tracing) or ``"export"``."""
+        from .capture import CAPTURE
+
+        return str(self.gm.meta.get(CAPTURE, "fx"))
 
     def copy(self, *, share_tensors: bool = False) -> GraphIR:
         """A deep copy sharing nothing with this IR (modules, parameters, graph). With

@@ -22,6 +22,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .errors import GraphoptError, first_line
+from .outputs import primary_output
 
 __all__ = [
     "Deviation",
@@ -104,9 +105,16 @@ class DeviationMeter:
                 self.max_abs = max(self.max_abs, float((x - y).abs().max()))
             self.num += float((x - y).pow(2).sum())
             self.den += float(y.pow(2).sum())
-        if want and want[0].dim() == 2 and want[0].shape[1] > 1:
-            self.agree += int((got[0].argmax(1) == want[0].argmax(1)).sum())
-            self.rows += want[0].shape[0]
+        top_got, top_want = primary_output(out), primary_output(ref)  # the logits
+        if (
+            top_want is not None
+            and top_got is not None
+            and top_want.dim() == 2
+            and top_want.shape[1] > 1
+            and top_got.shape == top_want.shape
+        ):
+            self.agree += int((top_got.argmax(1) == top_want.argmax(1)).sum())
+            self.rows += top_want.shape[0]
 
     def result(self) -> Deviation:
         """The deviation over every batch added so far."""
@@ -118,7 +126,8 @@ class DeviationMeter:
 def deviation(out: Any, ref: Any) -> Deviation:
     """Max abs error, relative error (‖out−ref‖/‖ref‖) and top-1 agreement of two outputs.
 
-    Top-1 agreement is reported when the first output is a batch of logits (N×C, C>1).
+    Top-1 agreement is reported when the primary output (:func:`.primary_output`: the
+    logits) is a batch of logits (N×C, C>1).
     """
     meter = DeviationMeter(
         lambda got, want: (

@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -33,6 +33,9 @@ from .lowering import METADATA_NAME, load_folder, read_metadata, write_onnx
 from .manager import ledger_from_metadata
 from .measuring import agreement, run_model, weights_bytes
 from .report import Latency, ModelReport
+
+if TYPE_CHECKING:
+    from .loading import ModelSpec
 
 __all__ = [
     "Latency",
@@ -144,7 +147,7 @@ def _is_artifact_folder(spec: str) -> bool:
 
 
 def load_for_report(
-    spec: str,
+    spec: str | ModelSpec,
     *,
     inputs: tuple[Any, ...] | None = None,
     weights: str | None = None,
@@ -153,54 +156,64 @@ def load_for_report(
     concrete_args: dict[str, Any] | None = None,
 ) -> Loaded:
     """Load MODEL for measuring: anything ``optimize`` takes, plus ``.onnx`` files and the
-    folder artifacts graphopt writes. ``inputs`` overrides the model's own example inputs."""
-    from . import load
+    folder artifacts graphopt writes. ``inputs`` overrides the model's own example inputs;
+    a :class:`ModelSpec` carries the loading options itself."""
+    from dataclasses import replace
+
+    from .loading import ModelSpec, make_inputs
     from .plugins import get_registry
 
+    if isinstance(spec, str):
+        spec = ModelSpec(
+            spec,
+            weights=weights,
+            trust_pickle=trust_pickle,
+            leaf_modules=list(leaf_modules),
+            concrete_args=concrete_args,
+        )
+    path = spec.spec
     exporters = get_registry().exporters
-    if spec.endswith(".onnx") or _is_artifact_folder(spec):
-        if not os.path.exists(spec):
-            raise GraphoptError(f"model file '{spec}' does not exist; check the path")
+    if path.endswith(".onnx") or _is_artifact_folder(path):
+        if not os.path.exists(path):
+            raise GraphoptError(f"model file '{path}' does not exist; check the path")
         try:
-            metadata = read_metadata(spec, exporters)
+            metadata = read_metadata(path, exporters)
         except Exception as exc:
             raise GraphoptError(
-                f"'{spec}' is not a readable model ({first_line(exc)}); check that it is complete"
+                f"'{path}' is not a readable model ({first_line(exc)}); check that it is complete"
             ) from None
+        if inputs is None and spec.input_shapes:
+            inputs = make_inputs([tuple(s) for s in spec.input_shapes], spec.input_dtypes)
         if inputs is None:
-            raise GraphoptError(f"give the input of '{spec}' with --input-shape, e.g. 1,3,224,224")
-        if spec.endswith(".onnx"):
-            loaded = Loaded(spec, inputs, onnx_path=spec, metadata=metadata)
+            raise GraphoptError(f"give the input of '{path}' with --input-shape, e.g. 1,3,224,224")
+        if path.endswith(".onnx"):
+            loaded = Loaded(path, inputs, onnx_path=path, metadata=metadata)
         else:
             try:
-                module = cast(torch.nn.Module, load_folder(spec))
+                module = cast(torch.nn.Module, load_folder(path))
             except Exception as exc:
                 raise GraphoptError(
-                    f"the graphopt folder '{spec}' cannot be loaded ({first_line(exc)}); "
+                    f"the graphopt folder '{path}' cannot be loaded ({first_line(exc)}); "
                     "write it again with graphopt optimize"
                 ) from None
-            loaded = Loaded(spec, inputs, module=module, metadata=metadata)
+            loaded = Loaded(path, inputs, module=module, metadata=metadata)
         _check_runs(loaded)
         return loaded
-    shapes = [tuple(t.shape) for t in inputs] if inputs is not None else None
-    dtypes = [str(t.dtype).replace("torch.", "") for t in inputs] if inputs is not None else []
-    ir = load(
-        spec,
-        input_shapes=shapes,
-        input_dtypes=dtypes,
-        weights=weights,
-        trust_pickle=trust_pickle,
-        leaf_modules=leaf_modules,
-        concrete_args=concrete_args,
-    )
+    if inputs is not None:
+        spec = replace(
+            spec,
+            input_shapes=[tuple(t.shape) for t in inputs],
+            input_dtypes=[str(t.dtype).replace("torch.", "") for t in inputs],
+        )
+    ir = spec.load()
     metadata = None
-    if spec.endswith((".pt2", ".pt", ".pth")) and os.path.isfile(spec):
+    if path.endswith((".pt2", ".pt", ".pth")) and os.path.isfile(path):
         try:  # reached only once load() accepted the file (and its trust flag)
-            metadata = read_metadata(spec, exporters)
+            metadata = read_metadata(path, exporters)
         except Exception:
             metadata = None
     used = inputs if inputs is not None else ir.example_inputs
-    return Loaded(spec, tuple(used), module=ir.gm, ir=ir, metadata=metadata)
+    return Loaded(path, tuple(used), module=ir.gm, ir=ir, metadata=metadata)
 
 
 def _check_runs(loaded: Loaded) -> None:

@@ -100,3 +100,77 @@ def test_random_models_load_the_same_weights_every_time_without_touching_the_cal
     a = load_model("models_for_cli:small_cnn").module.state_dict()
     b = load_model("models_for_cli:small_cnn").module.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_input_too_large_for_memory_is_refused_before_allocating(capsys):
+    from conftest import run_main
+
+    run = run_main(
+        capsys,
+        "inspect",
+        "torchvision:resnet18",
+        "--input-shape",
+        "4096,3,4096,4096",
+    )
+    assert run.code == 2
+    assert "needs 824.6 GB" in run.stderr and "give a smaller --input-shape" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
+
+
+def test_files_that_are_not_pytorch_models_say_what_graphopt_loads(tmp_path):
+    noise = bytes(range(256)) * 8
+    for name, fragment in [
+        ("r.onnx", "is named as an ONNX model, which graphopt cannot read"),
+        ("r.tflite", "TensorFlow Lite"),
+        ("r.pt", "is not a PyTorch file (it is neither a zip archive"),
+        ("r.bin", "is not a PyTorch file"),
+        ("weights.safetensors", "holds weights only"),
+    ]:
+        (tmp_path / name).write_bytes(noise)
+        with pytest.raises(graphopt.GraphoptError) as info:
+            load_model(str(tmp_path / name))
+        message = str(info.value)
+        assert fragment in message and "holds a pickled" not in message, message
+        if "weights only" not in message:
+            assert "torchvision:NAME, timm:NAME, hf:TYPE" in message
+
+
+def test_model_spec_carries_every_loading_option(tmp_path):
+    from safetensors.torch import save_file
+
+    source = torchvision.models.squeezenet1_1(num_classes=10)
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    spec = graphopt.ModelSpec(
+        "torchvision:squeezenet1_1?num_classes=10",
+        weights=str(tmp_path / "w.safetensors"),
+        input_shapes=[(2, 3, 32, 32)],
+        capture="export",
+    )
+    ir = graphopt.load(spec)
+    assert ir.capture == "export" and ir.example_inputs[0].shape == (2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ir.gm(*ir.example_inputs), source.eval()(*ir.example_inputs))
+    same = graphopt.load(
+        "torchvision:squeezenet1_1?num_classes=10",
+        weights=str(tmp_path / "w.safetensors"),
+        input_shapes=[(2, 3, 32, 32)],
+        capture="fx",
+    )
+    assert same.capture == "fx"
+    with torch.no_grad():
+        torch.testing.assert_close(same.gm(*ir.example_inputs), ir.gm(*ir.example_inputs))
+
+
+def test_zoo_options_after_the_question_mark():
+    from graphopt.sources import split_options
+
+    assert split_options("bert?num_hidden_layers=2&act=gelu&sizes=[1,2]&flag=true") == (
+        "bert",
+        {"num_hidden_layers": 2, "act": "gelu", "sizes": [1, 2], "flag": True},
+    )
+    with pytest.raises(graphopt.GraphoptError, match="is not KEY=VALUE"):
+        split_options("resnet18?num_classes")
+    loaded = load_model("torchvision:resnet18?num_classes=7")
+    assert loaded.module.fc.out_features == 7
+    with pytest.raises(graphopt.GraphoptError, match=r"did you mean resnet18"):
+        load_model("torchvision:resnet_18")

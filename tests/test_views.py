@@ -202,11 +202,23 @@ def test_inspect_command_writes_every_format(tmp_path, capsys):
     assert status["_0"] == "pruned" and status["_6"] == "pruned"  # matched by name
     assert "note:" not in compared.stderr
 
-    exported = tmp_path / "pruned.pt2"  # torch.export renames every node
+    exported = tmp_path / "pruned.pt2"  # raised back with node names from module paths
     made = run_main(capsys, "optimize", *SMALL, "--passes", "prune", "-o", str(exported))
     assert made.code == 0, made.stderr
+    kept = run_main(
+        capsys, "inspect", str(exported), "--compare", SMALL[0], "--input-shape", "2,3,16,16",
+        "-f", "json",
+    )  # fmt: skip
+    assert kept.code == 0 and "note:" not in kept.stderr, kept.stderr
+    status = {n["name"]: n["status"] for n in json.loads(kept.stdout)["nodes"]}
+    assert status["_0"] == "pruned" and status["_6"] == "pruned"
+    from models_for_cli import small_cnn
+
+    nested = tmp_path / "nested.pt2"  # the same layers one level down: other node names
+    x = torch.randn(2, 3, 16, 16)
+    torch.export.save(torch.export.export(torch.nn.Sequential(small_cnn().eval()), (x,)), nested)
     lost = run_main(
-        capsys, "inspect", str(exported), "--compare", SMALL[0], "--input-shape", "2,3,16,16"
+        capsys, "inspect", str(nested), "--compare", SMALL[0], "--input-shape", "2,3,16,16"
     )
     assert lost.code == 0 and "note: only" in lost.stderr and "--passes" in lost.stderr
 

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils import _pytree as pytree
 from torch.utils.data.distributed import DistributedSampler
 
-from graphopt import GraphoptError, LossFn, LossInputs, run_model, split_batch
+from graphopt import GraphoptError, LossFn, LossInputs, primary_output, run_model, split_batch
 from graphopt.errors import first_line
 
 from .losses import adapter, ce_loss, feature_loss, kd_loss
@@ -73,7 +73,11 @@ class _Student(nn.Module):
 
 
 def logits_of(out: Any) -> torch.Tensor:
-    """The first floating-point tensor of a model output: what KD and CE compare."""
+    """The model output's logits (:func:`graphopt.primary_output`), or else its first
+    floating-point tensor: what KD and CE compare."""
+    primary = primary_output(out)
+    if primary is not None and primary.is_floating_point():
+        return primary
     for leaf in pytree.tree_leaves(out):
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
             return leaf
