@@ -152,7 +152,9 @@ class PassManager:
     ``print_after`` names passes (or ``"all"``) after which the graph's code is printed;
     ``time_passes`` prints a timing table at the end; ``repro_dir`` is where a crash
     reproducer bundle goes (default: the current directory; ``reproducer=False`` skips it
-    and the per-pass copy it needs).
+    and the per-pass copy it needs). ``target_format`` names the exporter the result will
+    be written with (e.g. ``"onnx"``): every pass checks it at once (``Pass.check_target``)
+    and sees it as ``ctx.target_format``.
     """
 
     def __init__(
@@ -165,6 +167,7 @@ class PassManager:
         repro_dir: str | None = None,
         console: Any = None,
         reproducer: bool = True,
+        target_format: str | None = None,
     ) -> None:
         self.registry = registry or get_registry()
         if isinstance(pipeline, str):
@@ -179,6 +182,9 @@ class PassManager:
         self.repro_dir = repro_dir
         self.console = console
         self.reproducer = reproducer
+        self.target_format = target_format
+        for p in self.passes:
+            p.check_target(target_format)
 
     @property
     def pipeline(self) -> str:
@@ -214,7 +220,11 @@ class PassManager:
         prev_out = ref_out  # an exact pass is judged against the step before it
         for p in self.passes:
             ctx = PassContext(
-                probe_inputs=probe, reference=reference.gm, data=data, console=self.console
+                probe_inputs=probe,
+                reference=reference.gm,
+                data=data,
+                console=self.console,
+                target_format=self.target_format,
             )
             before = work.copy() if self.reproducer else None
             start = time.perf_counter()
