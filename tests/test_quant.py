@@ -21,27 +21,13 @@ from graphopt.passes.quant.observers import (
     quantize_weight,
     weight_qparams,
 )
+from quant_helpers import batches, out_sqnr, quantize
 from torch import nn
 
 import graphopt
-from graphopt import GraphIR, GraphoptError, PassContext, PassManager
+from graphopt import GraphIR, GraphoptError, PassContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def quantize(model, x, pipeline="quant", data=None, **kw):
-    ir = GraphIR.trace(model, (x,))
-    return PassManager(pipeline, reproducer=False).run(ir, data=data, **kw)
-
-
-def batches(shape, n=4, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(shape, generator=gen),) for _ in range(n)]
-
-
-def out_sqnr(model, gm, x):
-    with torch.no_grad():
-        return sqnr_db(model(x), gm(x))
 
 
 def targets(gm) -> set[str]:

@@ -46,7 +46,7 @@ from torch import nn
 from graphopt import GraphIR, GraphoptError
 from graphopt.ir import ORIGIN
 
-__all__ = ["Expansion", "expand_composites"]
+__all__ = ["Expansion", "expand_composites", "plain_linears"]
 
 
 @dataclass
@@ -488,4 +488,83 @@ def expand_composites(ir: GraphIR) -> Expansion:
         for path, box in boxes.items():
             _set_module(ir.gm, path, box)
         ir.recompile()
+    return done
+
+
+def _as_linear(module: nn.Module) -> nn.Linear | None:
+    """A plain ``nn.Linear`` computing what ``module`` computes, if it is Linear-like: a
+    subclass of ``nn.Linear`` that keeps its forward (``NonDynamicallyQuantizableLinear``),
+    or Hugging Face's ``Conv1D`` (``x @ W + b`` with ``W`` stored input-major)."""
+    if isinstance(module, nn.Linear):
+        if type(module) is nn.Linear or type(module).forward is not nn.Linear.forward:
+            return None
+        return _linear(module.weight, module.bias)
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    is_conv1d = type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+    if is_conv1d and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return _linear(weight.detach().t().contiguous(), bias)
+    return None
+
+
+def _tensor_attr(ir: GraphIR, node: Any) -> torch.Tensor | None:
+    """The parameter or buffer a ``get_attr`` node reads, else None."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value = ir.fetch(str(node.target))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _functional_linear(ir: GraphIR, node: fx.Node) -> tuple[Any, nn.Linear] | None:
+    """``F.linear(x, W, b)`` or ``torch.addmm(b, x, W)`` (Hugging Face's Conv1D once fx
+    has traced through it) on stored weights: the input and an equivalent ``nn.Linear``."""
+    if node.op != "call_function" or node.kwargs:
+        return None
+    if node.target is F.linear and 2 <= len(node.args) <= 3:
+        x, w_node = node.args[0], node.args[1]
+        b_node = node.args[2] if len(node.args) == 3 else None
+        weight = _tensor_attr(ir, w_node)
+        bias = _tensor_attr(ir, b_node) if b_node is not None else None
+        if weight is None or weight.dim() != 2 or (b_node is not None and bias is None):
+            return None
+        return x, _linear(weight, bias)  # shares the stored tensors
+    if node.target is torch.addmm and len(node.args) == 3:
+        b_node, x, w_node = node.args
+        weight, bias = _tensor_attr(ir, w_node), _tensor_attr(ir, b_node)
+        if weight is None or bias is None or weight.dim() != 2 or bias.dim() != 1:
+            return None
+        if len(w_node.users) != 1:  # type: ignore[union-attr]  # a transposed copy: sole use
+            return None
+        return x, _linear(weight.detach().t().contiguous(), bias)
+    return None
+
+
+def plain_linears(ir: GraphIR) -> int:
+    """Make every Linear-like computation a call of a plain ``nn.Linear``: Linear-like
+    modules (see :func:`_as_linear`) and functional linears on stored weights (see
+    :func:`_functional_linear`). Exact: the same weights, the same op. Returns how many."""
+    done = 0
+    for path, module in list(ir.gm.named_modules()):
+        calls = [n for n in ir.graph.nodes if n.op == "call_module" and n.target == path]
+        linear = _as_linear(module) if calls else None
+        if linear is not None:
+            _set_module(ir.gm, path, linear)
+            done += 1
+    for node in list(ir.graph.nodes):
+        found = _functional_linear(ir, node)
+        if found is None:
+            continue
+        x, linear = found
+        path = ir.free_name(f"{node.name}_linear")
+        ir.gm.add_submodule(path, linear)
+        with ir.graph.inserting_before(node):
+            call = ir.graph.call_module(path, (x,))
+        reads = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+        ir.replace(node, call)
+        for attr in reads:  # the weights' reads, now unused: the originals are not kept
+            if not attr.users:
+                ir.graph.erase_node(attr)
+        done += 1
+    if done:
+        ir.recompile()
+        ir.invalidate()
     return done

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import warnings
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -19,10 +21,10 @@ from graphopt.lowering import ARTIFACT_TOLERANCE
 from graphopt.manager import run_model
 
 from .convert import QParams, to_int8, to_qdq
-from .expand import expand_composites
+from .expand import expand_composites, plain_linears
 from .forms import check_combination, is_token_model, pick_form
 from .linear import INT4_GROUPS, dynamic_aten, dynamic_int8, linears, weight_only
-from .observers import activation_qparams, make_observer
+from .observers import MinMaxObserver, activation_qparams, make_observer
 from .plan import Plan, Site, _matches, calibrate, input_batches, make_plan
 from .qat import to_qat, weights_from_qat
 from .report import REPORT_KEY, QuantReport, report_target, sensitivity
@@ -79,8 +81,9 @@ class Quant(graphopt.Pass):
             None, "package.module:callable scoring a model (higher is better), for max_drop"
         )
         smooth: float | None = graphopt.option(
-            None,
-            "SmoothQuant α: move activation outliers into the weights of the Linears they feed",
+            0.5,
+            "SmoothQuant α: move activation outliers into the weights of the Linears they "
+            "feed, where it folds into a LayerNorm/Linear and lowers their int8 error; none: off",
             check=lambda v: v is None or 0 <= v <= 1,
             check_msg="α in [0, 1]",
         )
@@ -136,6 +139,9 @@ class Quant(graphopt.Pass):
             raise GraphoptError(
                 "the model is already quantized to int8; run quant on the float model"
             )
+        linears = plain_linears(ir)
+        if linears:
+            ctx.note(f"{linears} Linear-like module(s) (Linear subclasses, HF Conv1D) made Linear")
         if opts.expand:
             _expand(ir, ctx)
         mode = self._mode(ir, ctx)
@@ -230,16 +236,31 @@ class Quant(graphopt.Pass):
         report_target(target, outcome, plan, report, ctx, warn_below=WARN_BELOW_SQNR)
         return [n.name for n in outcome.floats]
 
-    def _smooth(self, ir: GraphIR, ctx: PassContext, batches: list[tuple[Any, ...]]) -> None:
+    def _smooth(
+        self, ir: GraphIR, ctx: PassContext, batches: list[tuple[Any, ...]], *, static: bool
+    ) -> None:
         alpha = self.options.smooth
         if alpha is None:
             return
-        done = smooth(ir, batches, alpha, self._skip(ir))
-        ctx.stat("Linear inputs smoothed", len(done.folded) + len(done.inserted))
+        opts, qmax = self.options, self._qrange()[1]
+        observer = (
+            partial(
+                make_observer, opts.observer, percentile=opts.percentile, symmetric=False,
+                qmin=0, qmax=qmax,
+            )
+            if static
+            else MinMaxObserver  # dynamic kernels quantize over each tensor's extremes
+        )  # fmt: skip
+        with _model_runs():
+            done = smooth(ir, batches, alpha, self._skip(ir), qmax=qmax, observer=observer)
         if done.folded:
-            ctx.note(f"smooth={alpha:g}: folded 1/s into {len(done.folded)} producer(s)")
-        if done.inserted:
-            ctx.note(f"smooth={alpha:g}: inserted a float scale before: {', '.join(done.inserted)}")
+            ctx.stat("Linear inputs smoothed", len(done.folded))
+            ctx.note(
+                f"smooth={alpha:g}: moved activation outliers into the Linears reading "
+                f"{len(done.folded)} LayerNorm/Linear output(s); declined where it would not "
+                f"lower the int8 error ({len(done.declined)}); {len(done.skipped)} input(s) "
+                "had nothing to fold the scale into"
+            )
 
     # -- static ---------------------------------------------------------------------------------
 
@@ -248,7 +269,7 @@ class Quant(graphopt.Pass):
         _fold_batchnorm(ir, ctx)
         trained = weights_from_qat(ir)
         batches = self._batches(ir, ctx)
-        self._smooth(ir, ctx, batches)
+        self._smooth(ir, ctx, batches, static=True)
         float_gm = copy.deepcopy(ir.gm)
         plan = make_plan(ir, opts.skip, opts.skip_types)
         for name in plan.skipped:
@@ -342,15 +363,8 @@ class Quant(graphopt.Pass):
             for node in plan.observed
         }
         passes = 2 if any(o.two_pass for o in observers.values()) else 1
-        try:
+        with _model_runs():
             calibrate(float_gm, batches, observers, _progress(ctx, len(batches) * passes))
-        except GraphoptError:
-            raise
-        except Exception as exc:
-            raise GraphoptError(
-                f"the model fails on a calibration batch ({type(exc).__name__}: "
-                f"{first_line(exc)}); give batches of the model's input shape"
-            ) from None
         qparams: dict[fx.Node, QParams] = {}
         for node in plan.observed:
             if node.name in trained:
@@ -372,13 +386,9 @@ class Quant(graphopt.Pass):
 
     def _linear_only(self, ir: GraphIR, ctx: PassContext, mode: str, form: str) -> None:
         opts = self.options
-        if opts.smooth is not None:
-            if mode == "weight_only":
-                raise GraphoptError(
-                    "quant(smooth=…) evens out activations for int8, but mode=weight_only keeps "
-                    "them float; drop smooth"
-                )
-            self._smooth(ir, ctx, self._batches(ir, ctx))
+        if opts.smooth is not None and mode == "dynamic":
+            data = self._batches(ir, ctx) if ctx.data is not None else None
+            self._smooth(ir, ctx, data or random_batches(ir.example_inputs, 4), static=False)
         skip = self._skip(ir)
         report = QuantReport(form, mode)
         target = self._target(ir, ctx)
@@ -425,6 +435,20 @@ def random_batches(example: tuple[Any, ...], n: int) -> list[tuple[Any, ...]]:
         return torch.randint(lo, hi + 1, x.shape, generator=gen, dtype=x.dtype)
 
     return [tuple(like(x) for x in example) for _ in range(n)]
+
+
+@contextlib.contextmanager
+def _model_runs() -> Iterator[None]:
+    """Running the model on the user's batches: its failure is the data's, one sentence."""
+    try:
+        yield
+    except GraphoptError:
+        raise
+    except Exception as exc:
+        raise GraphoptError(
+            f"the model fails on a calibration batch ({type(exc).__name__}: "
+            f"{first_line(exc)}); give batches of the model's input shape"
+        ) from None
 
 
 def _expand(ir: GraphIR, ctx: PassContext) -> None:

@@ -3,7 +3,7 @@
 ``min_sqnr`` is the SQNR ``10·log10(Σx² / Σ(x − x̂)²)`` of the model's output (every output
 tensor, all elements) against the float model's, on the *evaluation samples*: the first
 calibration batches that hold :data:`EVAL_SAMPLES` samples and :data:`EVAL_VALUES` output
-values, or all of them. ``max_drop``
+values (at most :data:`EVAL_MAX_SAMPLES` samples, at least one batch). ``max_drop``
 is the most the score may fall, in points: top-1 accuracy in % on the labelled calibration
 batches (``(inputs, target)`` pairs), or the value of the user's metric callable.
 """
@@ -38,20 +38,24 @@ __all__ = ["EVAL_SAMPLES", "EVAL_VALUES", "Target", "TargetOutcome", "eval_set",
 
 #: the output SQNR is measured on the first batches holding this many samples …
 EVAL_SAMPLES = 8
-#: … and this many output values (a classifier with few classes needs more samples)
+#: … and this many output values (a classifier with few classes needs more samples) …
 EVAL_VALUES = 1024
+#: … but no more samples than this
+EVAL_MAX_SAMPLES = 64
 
 
 def eval_set(
     gm: fx.GraphModule, batches: list[tuple[Any, ...]]
 ) -> tuple[list[tuple[Any, ...]], list[Any]]:
     """The first batches holding :data:`EVAL_SAMPLES` samples and :data:`EVAL_VALUES`
-    output values (or all of them), and the float model's outputs on them."""
+    output values, or :data:`EVAL_MAX_SAMPLES` samples, or all of them; and the float
+    model's outputs on them."""
     chosen: list[tuple[Any, ...]] = []
     refs: list[Any] = []
     samples = values = 0
     for batch in batches:
-        if chosen and samples >= EVAL_SAMPLES and values >= EVAL_VALUES:
+        enough = samples >= EVAL_SAMPLES and values >= EVAL_VALUES
+        if chosen and (enough or samples >= EVAL_MAX_SAMPLES):
             break
         chosen.append(batch)
         refs.append(run_model(gm, batch))
@@ -198,6 +202,13 @@ def meet_target(
         return ranking_cache
 
     best, tried = choose_floats(ranking, evaluate)
+    if sites and len(best.floats) == len(sites):
+        all_int8 = tried[0].figures["sqnr_db"]
+        raise GraphoptError(
+            f"quant's target ({target.describe()}) holds only with every op in float "
+            f"(all-int8 gives {all_int8:.1f} dB output SQNR); lower the target, or calibrate "
+            "on real data with --data/data="
+        )
     outcome.floats = list(best.floats)
     outcome.met = best.met
     outcome.sqnr_db = best.figures["sqnr_db"]
