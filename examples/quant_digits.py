@@ -96,7 +96,7 @@ def main() -> None:
     print(f"float accuracy {accuracy(model, test_x, test_y):.1f} %")
     for path in (pt_path, acc_path):
         int8 = torch.load(path, weights_only=False)  # needs only torch
-        print(f"{os.path.basename(path)} accuracy {accuracy(int8, test_x, test_y):.1f} %")
+        print(f"int8 accuracy {accuracy(int8, test_x, test_y):.1f} % ({os.path.basename(path)})")
 
     import onnxruntime as ort
 

@@ -54,6 +54,18 @@ def test_search_keeps_the_fewest_worst_sites_float():
         assert len(tried) <= 2 * math.ceil(math.log2(len(noise))) + k + 2  # not one per site
 
 
+@pytest.mark.parametrize("guess", [1, 3, 5, 9, 12])
+def test_search_from_a_guess_finds_the_same_fewest(guess):
+    noise = {f"op{i}": 10 ** -(2 + i / 4) for i in range(12)}
+    ranking = sorted(noise, key=lambda k: -noise[k])
+    evaluate, _ = additive(noise)
+    plain, _ = choose_floats(lambda: ranking, lambda f: evaluate(f, 25.0))
+    best, tried = choose_floats(lambda: ranking, lambda f: evaluate(f, 25.0), lambda o: guess)
+    assert best.floats == plain.floats and best.met
+    if guess == len(plain.floats):  # a right guess: all-int8, the guess, one fewer, give-back
+        assert len(tried) == 3 + len(best.floats) - 1
+
+
 def test_search_gives_back_sites_a_wrong_ranking_put_first():
     noise = {"a": 1e-4, "b": 1e-2, "c": 1e-5}
     evaluate, _ = additive(noise)

@@ -230,7 +230,8 @@ class Quant(graphopt.Pass):
             rounding = Rounding("bf16", bits=opts.bits, group_size=opts.group_size)
         else:
             inputs = "per_row" if form == "aten" else "dynamic"
-            rounding = Rounding(inputs, self._qrange(), per_channel=opts.per_channel)
+            # torch's dynamic Linear always asks fbgemm for 7-bit activations
+            rounding = Rounding(inputs, (0, 127), per_channel=opts.per_channel)
         sim = Simulator(ir.gm, plan, {}, rounding)
         outcome = meet_target(ir, plan, sim, batches, target)
         report_target(target, outcome, plan, report, ctx, warn_below=WARN_BELOW_SQNR)

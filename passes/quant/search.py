@@ -8,7 +8,8 @@ without rebuilding the model. It proceeds in three steps:
 1. The all-int8 model is measured; if it meets the target, nothing stays float.
 2. Each site's *impact* is measured: the output noise when that site alone runs in int8
    (one pass over the graph per site, each starting where the site is, from the float
-   values computed up to there). Sites are ranked by impact, worst first.
+   values computed up to there; on two samples, a ranking needs less precision than a
+   verdict). Sites are ranked by impact, worst first.
 3. The smallest number ``k`` of worst sites kept in float that meets the target is found by
    doubling ``k`` and then bisecting (about ``2·log2(k)`` evaluations); each of those ``k``
    is then tried in int8 again, and stays int8 if the target still holds, so that no site
@@ -228,10 +229,13 @@ class Evaluation:
 def choose_floats(
     ranking: Callable[[], list[fx.Node]],
     evaluate: Callable[[tuple[fx.Node, ...]], Evaluation],
+    guess: Callable[[list[fx.Node]], int] | None = None,
 ) -> tuple[Evaluation, list[Evaluation]]:
     """The fewest sites of ``ranking()`` (worst first) to keep float so that the target holds.
 
-    ``ranking`` is only called when the all-int8 model misses the target. Returns the chosen
+    ``ranking`` is only called when the all-int8 model misses the target. ``guess(order)``,
+    if given, is a first estimate of how many to keep float; the search checks it and its
+    neighbour below, and gallops up or bisects down from there. Returns the chosen
     evaluation and every evaluation made, the all-int8 one first."""
     tried: list[Evaluation] = []
 
@@ -245,17 +249,23 @@ def choose_floats(
     order = ranking()
     if not order:
         return best, tried
-    lo, k = 0, 1  # lo: a count known to fall short
-    while True:
+    n = len(order)
+    k = min(max(guess(order) if guess else 1, 1), n)
+    lo, hi = 0, 0  # lo: a count known to fall short; hi: one known to meet
+    while not hi:
         trial = check(tuple(order[:k]))
         if trial.met:
-            best = trial
-            break
-        lo = k
-        if k == len(order):
+            best, hi = trial, k
+        elif k == n:
             return trial, tried  # even all float misses (a metric that is noise)
-        k = min(2 * k, len(order))
-    hi = k
+        else:
+            lo, k = k, min(2 * k, n)
+    if hi - 1 > lo:  # the guess met: is one fewer enough? (usually not: then done)
+        trial = check(tuple(order[: hi - 1]))
+        if trial.met:
+            best, hi = trial, hi - 1
+        else:
+            lo = hi - 1
     while hi - lo > 1:
         mid = (lo + hi) // 2
         trial = check(tuple(order[:mid]))

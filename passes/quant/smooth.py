@@ -174,16 +174,13 @@ def smooth(
         if smoothed >= _int8_error(sample, weights, qmax, observer):
             done.declined.append(f"{x.name} ({names})")
             continue
-        for m in layers:
-            m.weight.data.mul_(s)
-        if isinstance(producer, nn.LayerNorm):
-            producer.weight.data.div_(s)
-            if producer.bias is not None:
-                producer.bias.data.div_(s)
-        else:
-            producer.weight.data.div_(s[:, None])
-            if producer.bias is not None:
-                producer.bias.data.div_(s)
+        with torch.no_grad():
+            for m in layers:
+                m.weight.mul_(s)
+            folded: Any = producer
+            folded.weight.div_(s if isinstance(producer, nn.LayerNorm) else s[:, None])
+            if folded.bias is not None:
+                folded.bias.div_(s)
         done.folded.append(f"{x.name} → {x.target} ({names})")
     ir.gm.recompile()
     ir.invalidate()

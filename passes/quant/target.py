@@ -42,6 +42,8 @@ EVAL_SAMPLES = 8
 EVAL_VALUES = 1024
 #: … but no more samples than this
 EVAL_MAX_SAMPLES = 64
+#: samples each op's impact (the search's ranking) is measured on
+IMPACT_SAMPLES = 2
 
 
 def eval_set(
@@ -182,6 +184,8 @@ def meet_target(
             s, n = output_noise(ref, sim.run_with(enabled, inputs))
             signal, noise = signal + s, noise + n
         figures = {"sqnr_db": to_db(signal, noise)}
+        if not floats:
+            outcome.all_int8_sqnr_db = figures["sqnr_db"]
         met = target.min_sqnr is None or figures["sqnr_db"] >= target.min_sqnr
         if target.max_drop is not None and met:
             assert target.metric is not None and outcome.base_score is not None
@@ -190,18 +194,35 @@ def meet_target(
         return Evaluation(floats, figures, met)
 
     ranking_cache: list[fx.Node] = []
+    share: dict[fx.Node, float] = {}  # each site's part of the summed impacts
 
     def ranking() -> list[fx.Node]:
         if not ranking_cache:
-            # a ranking needs less precision than a verdict: the first EVAL_SAMPLES samples
-            k = _batches_for(probe, EVAL_SAMPLES)
-            noise = impacts(sim, sites, probe[:k], refs[:k])
-            signal = sum(output_noise(r, r)[0] for r in refs[:k])
+            # a ranking needs less precision than a verdict: IMPACT_SAMPLES samples
+            few = _first_samples(probe, IMPACT_SAMPLES)
+            few_refs = [run_model(ir.gm, b) for b in few]
+            noise = impacts(sim, sites, few, few_refs)
+            signal = sum(output_noise(r, r)[0] for r in few_refs)
             outcome.impact_db = {n.name: to_db(signal, noise[n]) for n in sites}
             ranking_cache.extend(sorted(sites, key=lambda n: -noise[n]))
+            total = sum(noise.values()) or 1.0
+            share.update({n: v / total for n, v in noise.items()})
         return ranking_cache
 
-    best, tried = choose_floats(ranking, evaluate)
+    def guess(order: list[fx.Node]) -> int:
+        """Fewest sites whose float-keeping the additive noise model says meets the SQNR
+        target (the all-int8 noise, less the shares of the sites kept float)."""
+        first = outcome.all_int8_sqnr_db
+        if target.min_sqnr is None or not math.isfinite(first):
+            return 1
+        left = 1.0
+        for k, node in enumerate(order, 1):
+            left -= share[node]
+            if first - 10 * math.log10(max(left, 1e-12)) >= target.min_sqnr:
+                return k
+        return len(order)
+
+    best, tried = choose_floats(ranking, evaluate, guess)
     if sites and len(best.floats) == len(sites):
         all_int8 = tried[0].figures["sqnr_db"]
         raise GraphoptError(
@@ -213,19 +234,26 @@ def meet_target(
     outcome.met = best.met
     outcome.sqnr_db = best.figures["sqnr_db"]
     outcome.score = best.figures.get("score")
-    outcome.all_int8_sqnr_db = tried[0].figures["sqnr_db"]
     outcome.evaluations = len(tried)
     return outcome
 
 
-def _batches_for(batches: list[tuple[Any, ...]], samples: int) -> int:
-    """How many of the first batches it takes to hold ``samples`` samples (or all)."""
+def _first_samples(batches: list[tuple[Any, ...]], k: int) -> list[tuple[Any, ...]]:
+    """The first ``k`` samples of ``batches`` (a batch is cut when all its tensors share
+    the batch dimension, else taken whole)."""
+    out: list[tuple[Any, ...]] = []
     seen = 0
-    for i, batch in enumerate(batches):
-        seen += _samples(batch)
-        if seen >= samples:
-            return i + 1
-    return len(batches)
+    for batch in batches:
+        n, take = _samples(batch), k - seen
+        sizes = {t.shape[0] for t in batch if isinstance(t, torch.Tensor) and t.dim()}
+        if take < n and sizes == {n}:
+            batch = tuple(t[:take] if isinstance(t, torch.Tensor) and t.dim() else t for t in batch)
+            n = take
+        out.append(batch)
+        seen += n
+        if seen >= k:
+            break
+    return out
 
 
 def _samples(batch: tuple[Any, ...]) -> int:
