@@ -273,6 +273,8 @@ def choose_floats(
             best, hi = trial, mid
         else:
             lo = mid
+    if hi == n:
+        return best, tried  # only every site float meets it: the caller refuses that anyway
     # the ranking is an estimate: give each chosen site but the last a chance back in int8
     floats = list(best.floats)
     for node in reversed(best.floats[:-1]):
