@@ -1,31 +1,43 @@
-"""graphopt's int8 quantization against torch.ao.quantization and onnxruntime, in one run.
+"""graphopt's int8 quantization against torch.ao, onnxruntime and fp32, side by side in one run.
 
-Part 1 (``--part torch``): for resnet18 and resnet50 (weights=None, BatchNorm statistics
-randomised, the same calibration batches for both), graphopt ``fold,quant`` against
-torch.ao's ``prepare_fx``/``convert_fx`` with the x86 qconfig: eager CPU latency as a ratio
-to fp32 (batch 1, one thread, timed interleaved), output SQNR against fp32 on held-out
-inputs, and artifact size against fp32.
+Parts (``--part NAME``, several allowed; default all):
 
-Part 2 (``--part onnx``): graphopt ``quant(form=qdq)`` exported to ONNX and run in
-onnxruntime, against onnxruntime running the fp32 model: latency ratio, SQNR against the
-PyTorch fp32 output and against graphopt's default PyTorch int8 output (fbgemm), for each
-QDQ variant (uint8 or int8 activations, 7- or 8-bit activation range).
+* ``torch``: resnet18/resnet50, ``fold,quant`` against torch.ao's ``prepare_fx``/``convert_fx``
+  (x86 qconfig) on the same calibration data: eager latency ratio to fp32, output SQNR,
+  artifact size.
+* ``vit``: torchvision vit_b_16 and timm DeiT with plain ``quant`` (the default accuracy
+  target): output SQNR on held-out inputs, latency against fp32, the ops kept float; and
+  ``smooth=0.5`` against none, on the model as built and on a copy with activation outliers
+  (a few LayerNorm channels scaled up ×30 and the Linears reading them scaled down, which
+  leaves the float function unchanged: the shape of trained transformers' activations).
+* ``onnx``: graphopt's int8 ``.onnx`` (plain ``quant``, QDQ) against onnxruntime's
+  ``quantize_dynamic`` and ``quantize_static`` (QDQ, per-channel, MinMax) applied to the
+  same fp32 export, all run by onnxruntime: latency, SQNR against PyTorch fp32, size.
+* ``target``: ``quant(min_sqnr=30)`` on resnet50, mobilenet_v3_large, efficientnet_b0,
+  vit_b_16 and convnext_tiny: target met, ops kept float, latency against all-int8
+  (``min_sqnr=0``) and fp32, and the time the search took.
+* ``token``: token models (integer ids into an embedding): graphopt's default (dynamic int8)
+  and its variants against ``torch.ao.quantization.quantize_dynamic``; weight-only int8/int4
+  size and speed. Rows come from :data:`TOKEN_MODELS`; add a builder there for another
+  model (Hugging Face BERT/GPT-2 once ``hf:`` loading lands).
+* ``digits``: accuracy on real data (scikit-learn's digits) of the float CNN, ``quant``,
+  and ``quant(max_drop=…)``.
+* ``sqnr``: output SQNR and artifact size of plain ``quant`` across five torchvision models.
 
-Part 3 (``--part sqnr``): int8 output SQNR and artifact size for resnet18, resnet50,
-mobilenet_v2, efficientnet_b0 and vit_b_16.
+    python benchmarks/quant.py --part vit onnx
+    python benchmarks/quant.py --part target --models resnet50 vit_b_16
 
-    python benchmarks/quant.py                       # all parts
-    python benchmarks/quant.py --part onnx --models resnet18
-
-Calibration data here is random normal images (no pretrained weights or image data are
-available offline), so absolute SQNR figures are for that setting; the comparison with the
-peer uses exactly the same data.
+Weights are random (no pretrained weights offline; BatchNorm statistics randomised; a zero
+head re-initialised) and calibration data is random normal images unless said otherwise,
+so absolute SQNR figures are for that setting; each comparison uses the same data for both
+sides. Latency: batch 1, one thread, each side timed interleaved with the others (median).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import statistics
 import sys
@@ -33,13 +45,15 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torchvision
-from graphopt.passes.quant import sqnr_db
+from graphopt.passes.quant import quant_report, sqnr_db
+from torch import nn
 
 import graphopt
 
@@ -47,20 +61,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import randomize_bn
 
 warnings.filterwarnings("ignore")
+logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs to the root logger
 
 
-def build(arch: str) -> torch.nn.Module:
+# -- shared helpers ------------------------------------------------------------------------------
+
+
+class Images(nn.Module):
+    """Calls a model on one image batch (timm ViTs take optional mask arguments fx would
+    otherwise turn into inputs)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def build(arch: str, res: int = 224) -> nn.Module:
+    """A torchvision model by name, or ``timm:NAME``; random weights, BN statistics
+    randomised, a zero-initialised Linear (ViT heads) re-initialised."""
     torch.manual_seed(0)
-    model = randomize_bn(getattr(torchvision.models, arch)(weights=None)).eval()
+    if arch.startswith("timm:"):
+        import timm
+
+        model: nn.Module = Images(timm.create_model(arch[5:], pretrained=False, img_size=res))
+    else:
+        kw = {"image_size": res} if arch.startswith("vit") else {}
+        model = getattr(torchvision.models, arch)(weights=None, **kw)
+    model = randomize_bn(model).eval()
     for m in model.modules():  # vit_b_16's head starts at zero: every output would be 0
-        if isinstance(m, torch.nn.Linear) and not m.weight.any():
-            torch.nn.init.normal_(m.weight, std=m.in_features**-0.5)
+        if isinstance(m, nn.Linear) and not m.weight.any():
+            nn.init.normal_(m.weight, std=m.in_features**-0.5)
     return model
 
 
-def calibration(res: int, n: int, batch: int) -> list[tuple[torch.Tensor]]:
-    gen = torch.Generator().manual_seed(1)
+def calibration(res: int, n: int, batch: int, seed: int = 1) -> list[tuple[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, 3, res, res, generator=gen),) for _ in range(n)]
+
+
+def held_out(res: int, n: int = 8) -> torch.Tensor:
+    return torch.randn(n, 3, res, res, generator=torch.Generator().manual_seed(9))
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
@@ -82,7 +125,28 @@ def file_size(path: str) -> int:
     return os.path.getsize(path)
 
 
-def torch_ao_int8(model: torch.nn.Module, x: torch.Tensor, calib: list) -> torch.nn.Module:
+def no_grad(f: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    def run() -> Any:
+        with torch.no_grad():
+            return f(*args)
+
+    return run
+
+
+def output_sqnr(ref_model: Callable[..., Any], model: Callable[..., Any], x: Any) -> float:
+    with torch.no_grad():
+        return sqnr_db(ref_model(x), model(x))
+
+
+def kept_float(result: graphopt.Result) -> list[str]:
+    report = quant_report(result.ir.gm)
+    return [c.node for c in report.kept_float] if report else []
+
+
+# -- part torch ----------------------------------------------------------------------------------
+
+
+def torch_ao_int8(model: nn.Module, x: torch.Tensor, calib: list) -> nn.Module:
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -95,17 +159,15 @@ def torch_ao_int8(model: torch.nn.Module, x: torch.Tensor, calib: list) -> torch
 
 def part_torch(models: list[str], res: int, repeat: int, tmp: str) -> None:
     print(f"\n## PyTorch eager int8 vs torch.ao.quantization (x86 qconfig), {res}×{res}, batch 1")
-    print(f"engine {torch.backends.quantized.engine}, {torch.get_num_threads()} thread(s)")
-    header = (
+    print(
         f"{'model':10} {'fp32 ms':>8} {'graphopt ms':>12} {'ratio':>6} {'torch.ao ms':>12} "
         f"{'ratio':>6} {'go/ao':>6} {'SQNR go':>8} {'SQNR ao':>8} {'fp32 MB':>8} "
         f"{'go MB':>6} {'ao MB':>6}"
     )
-    print(header)
     for arch in models:
-        model = build(arch)
+        model = build(arch, res)
         x = torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(7))
-        test = torch.randn(4, 3, res, res, generator=torch.Generator().manual_seed(9))
+        test = held_out(res, 4)
         calib = calibration(res, 8, 4)
         fp32_path = os.path.join(tmp, f"{arch}_fp32.pt")
         go_path = os.path.join(tmp, f"{arch}_int8.pt")
@@ -116,17 +178,10 @@ def part_torch(models: list[str], res: int, repeat: int, tmp: str) -> None:
         ao = torch_ao_int8(model, x, calib)
         ao_path = os.path.join(tmp, f"{arch}_ao.pt")
         torch.save(ao.state_dict(), ao_path)  # its modules do not pickle whole in torch 2.14
-        with torch.no_grad():
-            ref = model(test)
-            s_go, s_ao = sqnr_db(ref, go(test)), sqnr_db(ref, ao(test))
-            t = interleaved(
-                {
-                    "fp32": partial(model, x),
-                    "go": partial(go, x),
-                    "ao": partial(ao, x),
-                },
-                repeat,
-            )
+        s_go, s_ao = output_sqnr(model, go, test), output_sqnr(model, ao, test)
+        t = interleaved(
+            {"fp32": no_grad(model, x), "go": no_grad(go, x), "ao": no_grad(ao, x)}, repeat
+        )
         mb = [file_size(p) / 1e6 for p in (fp32_path, go_path, ao_path)]
         print(
             f"{arch:10} {t['fp32'] * 1e3:8.1f} {t['go'] * 1e3:12.1f} {t['fp32'] / t['go']:6.2f} "
@@ -134,6 +189,79 @@ def part_torch(models: list[str], res: int, repeat: int, tmp: str) -> None:
             f"{s_go:8.1f} {s_ao:8.1f} {mb[0]:8.1f} {mb[1]:6.1f} {mb[2]:6.1f}"
         )
     print("ratio = fp32 time / int8 time (higher is faster); go/ao = torch.ao time / graphopt time")
+
+
+# -- part vit ------------------------------------------------------------------------------------
+
+
+def with_outliers(model: nn.Module, channels: int = 4, factor: float = 30.0) -> nn.Module:
+    """A copy whose LayerNorms emit a few channels ×``factor`` larger, with the Linears
+    that read them scaled down by as much: the same function, activations with outliers."""
+    import torch.fx as fx
+
+    model = copy.deepcopy(model)
+    gm = fx.symbolic_trace(model)
+    modules = dict(gm.named_modules())
+    gen = torch.Generator().manual_seed(3)
+    for node in gm.graph.nodes:
+        affine = _layer_norm_affine(gm, modules, node)
+        if affine is None:
+            continue
+        readers = [modules.get(str(u.target)) for u in node.users if u.op == "call_module"]
+        if not readers or not all(type(r) is nn.Linear for r in readers):
+            continue
+        idx = torch.randperm(affine[0].shape[0], generator=gen)[:channels]
+        with torch.no_grad():
+            for p in affine:
+                p[idx] *= factor
+            for r in readers:
+                r.weight[:, idx] /= factor  # type: ignore[index]
+    return gm
+
+
+def _layer_norm_affine(gm: Any, modules: dict[str, nn.Module], node: Any) -> list[Any] | None:
+    """The weight and bias of a LayerNorm call: a module, or ``F.layer_norm`` on stored
+    parameters (as fx traces timm's LayerNorm)."""
+    norm = modules.get(str(node.target)) if node.op == "call_module" else None
+    if isinstance(norm, nn.LayerNorm) and norm.elementwise_affine:
+        return [norm.weight, norm.bias]
+    if node.op == "call_function" and node.target is torch.nn.functional.layer_norm:
+        attrs = [node.kwargs.get("weight"), node.kwargs.get("bias")]
+        if all(a is not None and a.op == "get_attr" for a in attrs):
+            return [gm.get_parameter(str(a.target)) for a in attrs]
+    return None
+
+
+def part_vit(models: list[str], repeat: int) -> None:
+    print("\n## transformers with plain quant (default target) and SmoothQuant, 224×224")
+    print(
+        f"{'model':28} {'pipeline':30} {'SQNR dB':>8} {'fp32 ms':>8} {'int8 ms':>8} "
+        f"{'speed-up':>8} {'quant s':>8}  ops kept float"
+    )
+    for arch in models:
+        base = build(arch)
+        for variant in ("", " +outliers"):
+            model = with_outliers(base) if variant else base
+            x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+            test, calib = held_out(224, 8), calibration(224, 4, 4)
+            pipes = ["quant"] if not variant else []
+            pipes += ["quant(min_sqnr=0,smooth=none)", "quant(min_sqnr=0)"]  # α 0.5 default
+            for pipe in pipes:
+                start = time.perf_counter()
+                result = graphopt.optimize(model, pipe, example_inputs=(x,), data=calib)
+                took = time.perf_counter() - start
+                gm = result.ir.gm
+                s = output_sqnr(model, gm, test)
+                t = interleaved({"fp32": no_grad(model, x), "int8": no_grad(gm, x)}, repeat)
+                floats = kept_float(result)
+                print(
+                    f"{arch + variant:28} {pipe:30} {s:8.1f} {t['fp32'] * 1e3:8.1f} "
+                    f"{t['int8'] * 1e3:8.1f} {t['fp32'] / t['int8']:8.2f} {took:8.1f}  "
+                    f"{len(floats)}: {', '.join(floats)}"
+                )
+
+
+# -- part onnx -----------------------------------------------------------------------------------
 
 
 def _session(path: str) -> Any:
@@ -149,73 +277,301 @@ def _run(session: Any, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 
-VARIANTS = {
-    "U8S8, 7-bit act (default)": "quant(form=qdq,sensitivity=false)",
-    "S8S8, 7-bit act": "quant(form=qdq,onnx_int8=true,sensitivity=false)",
-    "U8S8, 8-bit act": "quant(form=qdq,reduce_range=false,sensitivity=false)",
-    "S8S8, 8-bit act": "quant(form=qdq,onnx_int8=true,reduce_range=false,sensitivity=false)",
-}
-
-
-def part_onnx(models: list[str], res: int, repeat: int, tmp: str) -> None:
-    print(f"\n## ONNX QDQ in onnxruntime vs onnxruntime fp32, {res}×{res}, batch 1, 1 thread")
-    print(
-        f"{'model':10} {'variant':26} {'ort fp32 ms':>11} {'ort int8 ms':>11} {'speedup':>7} "
-        f"{'SQNR vs fp32':>12} {'SQNR vs pt int8':>15} {'MB':>6}"
+def ort_quantized(fp32_path: str, calib: list, tmp: str, arch: str) -> dict[str, str]:
+    """onnxruntime's dynamic and static quantization of the fp32 export, after its
+    recommended pre-processing (shape inference and graph optimisation)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
     )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    name = _session(fp32_path).get_inputs()[0].name
+    paths = {k: os.path.join(tmp, f"{arch}_{k}.onnx") for k in ("ort dynamic", "ort static")}
+    prepared = os.path.join(tmp, f"{arch}_prepared.onnx")
+    quant_pre_process(fp32_path, prepared)  # what onnxruntime's docs ask for first
+    quantize_dynamic(prepared, paths["ort dynamic"], weight_type=QuantType.QInt8)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{name: b[0][i : i + 1].numpy()} for b in calib for i in range(4)])
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.items, None)
+
+    quantize_static(
+        prepared, paths["ort static"], Reader(), quant_format=QuantFormat.QDQ, per_channel=True
+    )
+    return paths
+
+
+def part_onnx(models: list[str], repeat: int, tmp: str) -> None:
+    print("\n## int8 ONNX in onnxruntime: graphopt (plain quant → QDQ) vs onnxruntime's own")
+    print("   quantizers on the same fp32 export; 224×224 (ViT too), batch 1, 1 thread")
+    print(f"{'model':10} {'variant':26} {'ms':>7} {'vs fp32':>7} {'SQNR dB':>8} {'MB':>6}")
     for arch in models:
         model = build(arch)
-        x = torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(7))
-        calib = calibration(res, 8, 4)
-        fp32_path = os.path.join(tmp, f"{arch}_fp32.onnx")
-        graphopt.optimize(model, "fold", example_inputs=(x,), output=fp32_path)
-        pt_int8 = graphopt.optimize(
-            model, "fold,quant(sensitivity=false)", example_inputs=(x,), data=calib
-        ).ir.gm
+        x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+        test = [t[None] for t in held_out(224, 8)]
+        calib = calibration(224, 4, 4)
+        paths = {"fp32": os.path.join(tmp, f"{arch}_fp32.onnx")}
+        graphopt.optimize(model, "fold", example_inputs=(x,), output=paths["fp32"])
+        paths.update(ort_quantized(paths["fp32"], calib, tmp, arch))
+        floats = {}
+        for label, pipe in (
+            ("graphopt quant", "quant"),
+            ("graphopt all-int8", "quant(min_sqnr=0)"),
+            ("graphopt 8-bit act (VNNI)", "quant(reduce_range=false)"),
+        ):
+            path = os.path.join(tmp, f"{arch}_{len(paths)}.onnx")
+            res = graphopt.optimize(
+                model, f"fold,{pipe}", example_inputs=(x,), data=calib, output=path
+            )
+            paths[label], floats[label] = path, len(kept_float(res))
+        sessions = {k: _session(p) for k, p in paths.items()}
         with torch.no_grad():
-            ref, ref_int8 = model(x), pt_int8(x)
-        fp32 = _session(fp32_path)
-        for label, pipeline in VARIANTS.items():
-            path = os.path.join(tmp, f"{arch}_{abs(hash(label))}.onnx")
-            graphopt.optimize(
-                model, f"fold,{pipeline}", example_inputs=(x,), data=calib, output=path
-            )
-            int8 = _session(path)
-            got = _run(int8, x)
-            t = interleaved(
-                {
-                    "fp32": partial(_run, fp32, x),
-                    "int8": partial(_run, int8, x),
-                },
-                repeat,
-            )
+            ref = torch.cat([model(t) for t in test])
+        t = interleaved({k: partial(_run, s, x) for k, s in sessions.items()}, repeat)
+        for k, s in sessions.items():
+            got = torch.cat([_run(s, a) for a in test])
+            label = k + (f" ({floats[k]} float)" if floats.get(k) else "")
             print(
-                f"{arch:10} {label:26} {t['fp32'] * 1e3:11.1f} {t['int8'] * 1e3:11.1f} "
-                f"{t['fp32'] / t['int8']:7.2f} {sqnr_db(ref, got):12.1f} "
-                f"{sqnr_db(ref_int8, got):15.1f} {file_size(path) / 1e6:6.1f}"
+                f"{arch:10} {label:26} {t[k] * 1e3:7.1f} {t['fp32'] / t[k]:7.2f} "
+                f"{sqnr_db(ref, got):8.1f} {file_size(paths[k]) / 1e6:6.1f}"
             )
-        print(f"{arch:10} fp32 onnx size {file_size(fp32_path) / 1e6:.1f} MB")
+
+
+# -- part target ---------------------------------------------------------------------------------
+
+
+def part_target(models: list[str], target: float, repeat: int) -> None:
+    print(f"\n## quant(min_sqnr={target:g}) against all-int8 (min_sqnr=0), PyTorch eager")
+    print(
+        f"{'model':18} {'res':>4} {'all-int8 dB':>11} {'target dB':>9} {'met':>4} {'float':>5} "
+        f"{'fp32 ms':>8} {'int8 ms':>8} {'target ms':>9} {'vs int8':>7} {'search s':>8}"
+    )
+    for arch in models:
+        res = 224
+        model = build(arch, res)
+        x = torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(7))
+        test, calib = held_out(res, 8), calibration(res, 4, 4)
+        start = time.perf_counter()
+        all_int8 = graphopt.optimize(
+            model, "fold,quant(min_sqnr=0)", example_inputs=(x,), data=calib
+        )
+        base_s = time.perf_counter() - start
+        start = time.perf_counter()
+        aimed = graphopt.optimize(
+            model, f"fold,quant(min_sqnr={target:g})", example_inputs=(x,), data=calib
+        )
+        search_s = time.perf_counter() - start - base_s
+        report = quant_report(aimed.ir.gm)
+        assert report is not None
+        s0, s1 = output_sqnr(model, all_int8.ir.gm, test), output_sqnr(model, aimed.ir.gm, test)
+        t = interleaved(
+            {
+                "fp32": no_grad(model, x),
+                "int8": no_grad(all_int8.ir.gm, x),
+                "target": no_grad(aimed.ir.gm, x),
+            },
+            repeat,
+        )
+        print(
+            f"{arch:18} {res:4} {s0:11.1f} {s1:9.1f} {'yes' if s1 >= target else 'NO':>4} "
+            f"{len(report.kept_float):5} {t['fp32'] * 1e3:8.1f} {t['int8'] * 1e3:8.1f} "
+            f"{t['target'] * 1e3:9.1f} {t['target'] / t['int8']:7.2f} {search_s:8.1f}"
+        )
+    print("SQNR on 8 held-out images; 'met' judged there (the search judges on calibration data)")
+
+
+# -- part token ----------------------------------------------------------------------------------
+
+
+class TokenClassifier(nn.Module):
+    """Embedding + nn.TransformerEncoder + a classification head: a BERT-like model built
+    from torch modules."""
+
+    def __init__(
+        self, vocab: int, d: int, heads: int, layers: int, classes: int, length: int
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(1, length, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, batch_first=True, activation="gelu")
+        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(d))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(self.embed(ids) + self.pos[:, : ids.shape[1]])
+        return self.head(h[:, 0])
+
+
+class TokenDecoder(nn.Module):
+    """Embedding + causal nn.TransformerEncoder + a tied LM head: a GPT-like model."""
+
+    def __init__(self, vocab: int, d: int, heads: int, layers: int, length: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(1, length, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            d, heads, 4 * d, batch_first=True, activation="gelu", norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(d))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: batch × length
+        h = self.embed(ids) + self.pos
+        return self.lm_head(self.blocks(h, mask=self.mask, is_causal=True))
+
+
+@dataclass
+class TokenModel:
+    """A row of the token benchmark: a builder and the token batches it is run on."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    vocab: int
+    batch: int
+    length: int
+
+
+#: rows of ``--part token``: add HF BERT/GPT-2 builders here when ``hf:`` loading lands
+TOKEN_MODELS = [
+    TokenModel(
+        "encoder d256×4 (classifier)",
+        lambda: TokenClassifier(8000, 256, 4, 4, 2, 128),
+        8000,
+        1,
+        128,
+    ),
+    TokenModel(
+        "encoder d512×6 (classifier)",
+        lambda: TokenClassifier(8000, 512, 8, 6, 2, 128),
+        8000,
+        1,
+        128,
+    ),
+    TokenModel(
+        "decoder d512×6 (LM), 1 token", lambda: TokenDecoder(8000, 512, 8, 6, 1), 8000, 1, 1
+    ),
+    TokenModel(
+        "decoder d2048×1 (LM), 1 token", lambda: TokenDecoder(8000, 2048, 16, 1, 1), 8000, 1, 1
+    ),
+]
+
+
+def part_token(repeat: int, tmp: str) -> None:
+    from torch.ao.quantization import quantize_dynamic
+
+    print("\n## token models: graphopt vs torch.ao.quantization.quantize_dynamic, batch 1")
+    head = f"{'model':30} {'variant':34} {'ms':>7} {'vs fp32':>7} {'vs ao':>6} {'SQNR dB':>8}"
+    print(head + f" {'MB':>6} {'float':>5}")
+    for spec in TOKEN_MODELS:
+        torch.manual_seed(0)
+        model = spec.build().eval()
+        gen = torch.Generator().manual_seed(2)
+        ids = torch.randint(0, spec.vocab, (spec.batch, spec.length), generator=gen)
+        data = [(torch.randint(0, spec.vocab, (8, spec.length), generator=gen),) for _ in range(4)]
+        test = torch.randint(0, spec.vocab, (16, spec.length), generator=gen)
+        variants = {
+            "graphopt quant (dynamic)": "quant",
+            "graphopt quant(min_sqnr=35)": "quant(min_sqnr=35)",
+            "graphopt quant(form=aten)": "quant(form=aten)",
+            "graphopt weight_only int8": "quant(mode=weight_only)",
+            "graphopt weight_only int4 g128": "quant(mode=weight_only,bits=4)",
+            "graphopt int4 g128 all (no target)": "quant(mode=weight_only,bits=4,min_sqnr=0)",
+        }
+        models: dict[str, Any] = {"fp32": model}
+        floats: dict[str, int] = {}
+        paths = {"fp32": os.path.join(tmp, "tok_fp32.pt")}
+        torch.save(model, paths["fp32"])
+        for label, pipe in variants.items():
+            paths[label] = os.path.join(tmp, f"tok_{len(paths)}.pt")
+            res = graphopt.optimize(
+                model, pipe, example_inputs=(ids,), data=data, output=paths[label]
+            )
+            models[label], floats[label] = res.ir.gm, len(kept_float(res))
+        # torch's fast path reads Linear weights, which quantize_dynamic replaces: off for it
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            ao = quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+            paths["torch.ao quantize_dynamic"] = os.path.join(tmp, "tok_ao.pt")
+            torch.save(ao.state_dict(), paths["torch.ao quantize_dynamic"])
+            models["torch.ao quantize_dynamic"] = ao
+            with torch.no_grad():
+                ref = model(test)
+                outs = {k: m(test) for k, m in models.items()}
+            t = interleaved({k: no_grad(m, ids) for k, m in models.items()}, repeat)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+        ao_t = t["torch.ao quantize_dynamic"]
+        for k in models:
+            print(
+                f"{spec.name:30} {k:34} {t[k] * 1e3:7.2f} {t['fp32'] / t[k]:7.2f} "
+                f"{ao_t / t[k]:6.2f} {sqnr_db(ref, outs[k]):8.1f} {file_size(paths[k]) / 1e6:6.1f} "
+                f"{floats.get(k, '')!s:>5}"
+            )
+    print(
+        "fp32 timed with torch's fast path off (quantize_dynamic breaks it); 'vs X' = X time / "
+        "this time; float = Linears kept in float by the target (default 25 dB)"
+    )
+
+
+# -- part digits ---------------------------------------------------------------------------------
+
+
+def part_digits() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from quant_digits import accuracy, digits_data, train
+
+    x, y, train_idx, test_idx = digits_data()
+    model = train(x, y, train_idx)
+    calib = [(x[train_idx[i : i + 64]],) for i in range(0, 640, 64)]
+    labelled = [(x[train_idx[i : i + 64]], y[train_idx[i : i + 64]]) for i in range(0, 640, 64)]
+    example = (x[test_idx[:1]],)
+    base = accuracy(model, x[test_idx], y[test_idx])
+    print("\n## real data: scikit-learn digits CNN, accuracy on 397 held-out images")
+    print(f"{'model':34} {'accuracy %':>10} {'drop':>6}")
+    print(f"{'float':34} {base:10.2f} {0:6.2f}")
+    for label, pipe, data in (
+        ("fold,quant", "fold,quant", calib),
+        ("fold,quant(max_drop=0.5)", "fold,quant(max_drop=0.5)", labelled),
+    ):
+        gm = graphopt.optimize(model, pipe, example_inputs=example, data=data).ir.gm
+        acc = accuracy(gm, x[test_idx], y[test_idx])
+        print(f"{label:34} {acc:10.2f} {base - acc:6.2f}")
+
+
+# -- part sqnr -----------------------------------------------------------------------------------
 
 
 def part_sqnr(models: list[str], tmp: str) -> None:
-    print("\n## int8 output SQNR against fp32 and artifact size (graphopt fold,quant → .pt)")
+    print("\n## plain quant → .pt: output SQNR against fp32 and artifact size")
     print(
         f"{'model':16} {'res':>4} {'SQNR dB':>8} {'top-1 agree':>11} {'fp32 MB':>8} "
-        f"{'int8 MB':>8} {'size':>6}  most sensitive op"
+        f"{'int8 MB':>8} {'size':>6} {'float':>5} {'quant s':>13}  most sensitive op"
     )
     for arch in models:
         res = 224 if arch.startswith("vit") else 96
-        model = build(arch)
+        model = build(arch, res)
         x = torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(7))
-        test = torch.randn(8, 3, res, res, generator=torch.Generator().manual_seed(9))
+        test = held_out(res, 8)
         calib = calibration(res, 4, 4)
         fp32_path, int8_path = os.path.join(tmp, f"{arch}.pt"), os.path.join(tmp, f"{arch}8.pt")
         graphopt.optimize(model, "fold", example_inputs=(x,), output=fp32_path)
-        result = graphopt.optimize(
-            model, "fold,quant", example_inputs=(x,), data=calib, output=int8_path
+        start = time.perf_counter()
+        graphopt.optimize(model, "fold,quant(min_sqnr=0)", example_inputs=(x,), data=calib)
+        off_s = time.perf_counter() - start
+        start = time.perf_counter()
+        result = graphopt.optimize(model, "fold,quant", example_inputs=(x,), data=calib)
+        on_s = time.perf_counter() - start
+        graphopt.lower(
+            result.ir.gm, (x,), int8_path, result.metadata(), graphopt.get_registry().exporters
         )
-        from graphopt.passes.quant import quant_report
-
         report = quant_report(result.ir.gm)
         worst = report.sensitivity[0] if report and report.sensitivity else None
         with torch.no_grad():
@@ -225,31 +581,73 @@ def part_sqnr(models: list[str], tmp: str) -> None:
         note = f"{worst.node} ({worst.op}) {worst.sqnr_db:.1f} dB" if worst else ""
         print(
             f"{arch:16} {res:4} {sqnr_db(ref, got):8.1f} {agree:11.2f} {a:8.1f} {b:8.1f} "
-            f"{a / b:5.1f}×  {note}"
+            f"{a / b:5.1f}× {len(kept_float(result)):5} {off_s:6.1f} {on_s:6.1f}  {note}"
         )
+    print("quant s: fold,quant(min_sqnr=0) then fold,quant (the default 25 dB target)")
+
+
+def cpu_name() -> str:
+    """The CPU model and whether it has VNNI (int8 dot products without int16 saturation)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln), "")
+    flags = set(
+        next(
+            (ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []
+        )
+    )
+    vnni = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return f"{name}, {'VNNI: ' + ' '.join(vnni) if vnni else 'no VNNI'}"
+
+
+PARTS = ("torch", "vit", "onnx", "target", "token", "digits", "sqnr")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["torch", "onnx", "sqnr", "all"], default="all")
+    parser.add_argument("--part", nargs="*", choices=PARTS, default=list(PARTS))
     parser.add_argument("--models", nargs="*")
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--min-sqnr", type=float, default=30.0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    import onnxruntime
+
     print(
-        f"torch {torch.__version__}, graphopt {graphopt.__version__}, "
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, graphopt "
+        f"{graphopt.__version__}; {cpu_name()}; torch CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}; {args.threads} thread(s)"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        if args.part in ("torch", "all"):
-            part_torch(args.models or ["resnet18", "resnet50"], args.resolution, args.repeat, tmp)
-        if args.part in ("onnx", "all"):
-            part_onnx(args.models or ["resnet18"], args.resolution, args.repeat, tmp)
-        if args.part in ("sqnr", "all"):
-            five = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "vit_b_16"]
-            part_sqnr(args.models or five, tmp)
+        for part in args.part:
+            if part == "torch":
+                part_torch(
+                    args.models or ["resnet18", "resnet50"], args.resolution, args.repeat, tmp
+                )
+            elif part == "vit":
+                part_vit(args.models or ["vit_b_16", "timm:deit_small_patch16_224"], args.repeat)
+            elif part == "onnx":
+                part_onnx(args.models or ["resnet18", "resnet50", "vit_b_16"], args.repeat, tmp)
+            elif part == "target":
+                five = [
+                    "resnet50",
+                    "mobilenet_v3_large",
+                    "efficientnet_b0",
+                    "vit_b_16",
+                    "convnext_tiny",
+                ]
+                part_target(args.models or five, args.min_sqnr, args.repeat)
+            elif part == "token":
+                part_token(args.repeat, tmp)
+            elif part == "digits":
+                part_digits()
+            else:
+                five = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "vit_b_16"]
+                part_sqnr(args.models or five, tmp)
 
 
 if __name__ == "__main__":

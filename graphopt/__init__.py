@@ -148,7 +148,8 @@ def optimize(
 
     ``model`` is a module (with ``example_inputs``), a traced :class:`GraphIR`, or a MODEL
     spec string as the CLI takes it (``"torchvision:resnet18"``, ``"hf:bert"``,
-    ``"model.pt2"`` …).
+    ``"model.pt2"`` …). The passes are told the format ``output`` will be written in
+    (``ctx.target_format``).
     """
     if isinstance(model, str):
         if example_inputs is None:
@@ -168,7 +169,13 @@ def optimize(
         if example_inputs is None:
             raise GraphoptError("optimize() needs example_inputs when given a plain module")
         ir = GraphIR.trace(model, example_inputs)
-    manager = PassManager(pipeline)
+    registry = get_registry()
+    target_format = None
+    if output is not None:
+        from .lowering import check_output
+
+        target_format = check_output(os.fspath(output), registry.exporters).name
+    manager = PassManager(pipeline, registry=registry, target_format=target_format)
     result = manager.run(ir, data=data)
     if output is not None:
         lower(

@@ -292,6 +292,7 @@ def optimize(
     from .report import ledger_table, write_text_atomic
 
     registry = _registry(ctx)
+    exporter = check_output(output, registry.exporters)
     manager = PassManager(
         passes,
         registry=registry,
@@ -299,8 +300,8 @@ def optimize(
         time_passes=time_passes,
         console=_console(stderr=True),
         repro_dir=_reproducer_dir(reproducer),
+        target_format=exporter.name,
     )
-    exporter = check_output(output, registry.exporters)
     if report_json:
         check_output_file(report_json)
     batches = load_data(data) if data else None

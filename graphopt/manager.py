@@ -125,6 +125,9 @@ class PassManager:
     ``repro_dir`` it goes to the temporary directory and keeps the weights only up to
     ``reproducer_limit`` bytes. ``reproducer=False`` skips it and the per-pass copy it
     needs.
+    ``target_format`` names the exporter the result will be written with (e.g. ``"onnx"``):
+    every pass checks it at once (``Pass.check_target``) and sees it as
+    ``ctx.target_format``.
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class PassManager:
         console: Any = None,
         reproducer: bool = True,
         reproducer_limit: int = REPRODUCER_LIMIT,
+        target_format: str | None = None,
     ) -> None:
         self.registry = registry or get_registry()
         if isinstance(pipeline, str):
@@ -151,6 +155,9 @@ class PassManager:
         self.console = console
         self.reproducer = reproducer
         self.reproducer_limit = reproducer_limit
+        self.target_format = target_format
+        for p in self.passes:
+            p.check_target(target_format)
 
     @property
     def pipeline(self) -> str:
@@ -204,6 +211,7 @@ class PassManager:
                 data=data,
                 console=self.console,
                 registry=self.registry,
+                target_format=self.target_format,
             )
             before = work.copy() if self.reproducer else None
             start = time.perf_counter()

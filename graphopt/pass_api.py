@@ -192,9 +192,12 @@ class PassContext:
     tuples or of ``(inputs, target)`` batches), ``reference`` the untouched original model
     (the teacher for distillation), ``probe_inputs`` the inputs the pass manager checks
     deviation on, ``registry`` the plugin registry the pipeline runs with (look other
-    contributions up there, e.g. ``ctx.registry.losses[name]``: ``-p no:NAME`` applies).
-    ``note`` records a line for the pass's report, e.g. why a node was left alone; ``stat``
-    records a number such as how many nodes were rewritten.
+    contributions up there, e.g. ``ctx.registry.losses[name]``: ``-p no:NAME`` applies),
+    ``target_format`` the name of the exporter the result will be written with (``"pt2"``,
+    ``"pt"``, ``"onnx"``, ``"folder"`` or a plugin's), or None when the caller did not say:
+    a pass may pick a representation that format can hold. ``note`` records a line for the
+    pass's report, e.g. why a node was left alone; ``stat`` records a number such as how
+    many nodes were rewritten.
     """
 
     def __init__(
@@ -205,12 +208,14 @@ class PassContext:
         data: Any = None,
         console: Console | None = None,
         registry: RegistryView | None = None,
+        target_format: str | None = None,
     ) -> None:
         self.probe_inputs = probe_inputs
         self.reference = reference
         self.data = data
         self.console = console
         self.registry = registry
+        self.target_format = target_format
         self.notes: list[str] = []
         self.stats: dict[str, float] = {}
 
@@ -249,6 +254,13 @@ class Pass:
     def run(self, ir: GraphIR, ctx: PassContext) -> None:
         """Rewrite ``ir`` in place."""
         raise NotImplementedError
+
+    def check_target(self, target_format: str | None) -> None:
+        """Refuse, before any work, options whose result the output format cannot hold.
+
+        Called by the pass manager with the exporter name the result will be written with
+        (see :class:`PassContext`); raise :class:`GraphoptError` with one sentence naming
+        the conflict and the fix. The default accepts every format."""
 
     # -- option handling, shared by the pipeline parser, the CLI and the docs ---------------
 

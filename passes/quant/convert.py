@@ -50,31 +50,6 @@ def _weight_codes(layer: Any, per_channel: bool) -> tuple[torch.Tensor, torch.Te
     return quantize_weight(layer.weight, scales), scales
 
 
-def _set_module(gm: nn.Module, dotted: str, module: nn.Module) -> None:
-    parent, _, leaf = dotted.rpartition(".")
-    owner = gm.get_submodule(parent) if parent else gm
-    setattr(owner, leaf, module)
-
-
-def _module_uses(graph: fx.Graph) -> dict[str, int]:
-    uses: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            uses[str(node.target)] = uses.get(str(node.target), 0) + 1
-    return uses
-
-
-def _place(gm: fx.GraphModule, node: fx.Node, module: nn.Module, uses: dict[str, int]) -> str:
-    """Put ``module`` where ``node``'s module was (a shared one gets a copy per site)."""
-    target = str(node.target)
-    if uses[target] == 1:
-        _set_module(gm, target, module)
-        return target
-    name = free_name(gm, target.replace(".", "_") + "_site")
-    gm.add_module(name, module)
-    return name
-
-
 def _packed_layer(layer: Any, per_channel: bool) -> Any:
     """fbgemm's packed int8 weight (and float bias) of a conv or linear layer."""
     with warnings.catch_warnings():
@@ -107,7 +82,8 @@ def _int8_op(layer: Any, fused: bool) -> Any:
     """The int8 kernel of a conv or linear layer, with a fused ReLU or without."""
     name = "linear" if isinstance(layer, nn.Linear) else f"conv{layer.weight.dim() - 2}d"
     op = getattr(torch.ops.quantized, name + ("_relu" if fused else ""))
-    return op.default if name == "linear" else op.new
+    # the packed-params overload is "new" for conv2d/3d; conv1d (and linear) have only one
+    return op.new if "new" in op.overloads() else op.default
 
 
 def to_int8(
@@ -287,50 +263,3 @@ def _layer_to_qdq(ir: GraphIR, node: fx.Node, x: fx.Node, per_channel: bool) -> 
         node.op, node.target = "call_function", _FUNCTIONAL[type(layer)]
         node.args = (x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
         node.kwargs = {}
-
-
-def dynamic_int8(ir: GraphIR, skip: Any, *, per_channel: bool) -> list[str]:
-    """Replace Linear and LSTM modules by torch's dynamic int8 kernels; return their names."""
-    import torch.ao.nn.quantized.dynamic as nnqd
-
-    done = []
-    uses = _module_uses(ir.graph)
-    for node in list(ir.graph.nodes):
-        if node.op != "call_module" or skip(node):
-            continue
-        m: Any = ir.module(node)
-        q: Any
-        if type(m) is nn.Linear:
-            codes, scales = _weight_codes(m, per_channel)
-            q = nnqd.Linear(m.in_features, m.out_features, bias_=m.bias is not None)
-            if per_channel:
-                qweight = torch.quantize_per_channel(
-                    codes.float() * scales[:, None],
-                    scales.double(),
-                    torch.zeros(scales.numel(), dtype=torch.long),
-                    0,
-                    torch.qint8,
-                )
-            else:
-                qweight = torch.quantize_per_tensor(
-                    codes.float() * scales, float(scales), 0, torch.qint8
-                )
-            q.set_weight_bias(qweight, m.bias.detach().float() if m.bias is not None else None)
-        elif type(m) is nn.LSTM:
-            q = _dynamic_lstm(m)
-        else:
-            continue
-        node.target = _place(ir.gm, node, q, uses)
-        done.append(node.name)
-    return done
-
-
-def _dynamic_lstm(m: Any) -> nn.Module:
-    import torch.ao.nn.quantized.dynamic as nnqd
-    from torch.ao.quantization.qconfig import default_dynamic_qconfig
-
-    m.qconfig = default_dynamic_qconfig
-    try:
-        return nnqd.LSTM.from_float(m)
-    finally:
-        del m.qconfig

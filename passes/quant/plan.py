@@ -102,6 +102,7 @@ class Plan:
     quantized: set[fx.Node] = field(default_factory=set)  #: nodes whose value is int8
     observed: dict[fx.Node, str] = field(default_factory=dict)  #: node → what it feeds
     skipped: list[str] = field(default_factory=list)
+    demoted: list[str] = field(default_factory=list)  #: adds/concats int8 would not speed up
 
 
 def _is_call(node: fx.Node, ir: GraphIR, modules: tuple[type, ...], functions: tuple) -> bool:
@@ -183,7 +184,7 @@ def _val_is_tensor(node: Any) -> bool:
 
 def _operands_fit(node: fx.Node, kind: str) -> bool:
     """Float tensors in and out; an add's operands of one shape (int8 add does not broadcast)."""
-    inputs = _tensor_inputs(node, kind)
+    inputs = tensor_inputs(node, kind)
     if not _val_is_tensor(node) or not all(_val_is_tensor(a) for a in inputs):
         return False
     if kind == "add":
@@ -191,10 +192,72 @@ def _operands_fit(node: fx.Node, kind: str) -> bool:
     return True
 
 
-def make_plan(ir: GraphIR, skip: Iterable[str], skip_types: Iterable[str]) -> Plan:
-    """Decide sites, fusions and int8 states for every node of ``ir``."""
+def make_plan(
+    ir: GraphIR, skip: Iterable[str], skip_types: Iterable[str], floats: Iterable[str] = ()
+) -> Plan:
+    """Decide sites, fusions and int8 states for every node of ``ir``.
+
+    ``floats`` names sites to keep in float without listing them as skipped (the accuracy
+    search's choice). An add or concat runs in int8 only where that saves work: when one of
+    its operands is already int8 and an int8 op reads its result (directly or through
+    passthrough ops); otherwise it would only add quantize steps and rounding (a
+    transformer's residual stream, read by LayerNorm, stays float)."""
     ir.analysis("shapes")
-    skip, skip_types = list(skip), list(skip_types)
+    skip, skip_types, floats = list(skip), list(skip_types), set(floats)
+    plan = _plan(ir, skip, skip_types, floats, set())
+    demoted = _idle(ir, plan)
+    if demoted:
+        plan = _plan(ir, skip, skip_types, floats, demoted)
+        plan.demoted = [n.name for n in ir.graph.nodes if n in demoted]
+    return plan
+
+
+def _idle(ir: GraphIR, plan: Plan) -> set[fx.Node]:
+    """The adds/concats of ``plan`` that int8 would not speed up: none of their operands is
+    int8, or no int8 op reads their result (directly or through passthrough ops).
+
+    Keeping one in float can idle the next (a residual chain read by LayerNorm collapses
+    from its end), so it repeats to a fixed point; each round is one forward sweep (which
+    values are int8) and one backward sweep (which values an int8 op reads)."""
+    order = list(ir.graph.nodes)
+    candidates = {n for n, s in plan.sites.items() if s.kind != "layer"}
+    demoted: set[fx.Node] = set()
+    while True:
+        int8: set[fx.Node] = set()
+        for n in order:
+            site = plan.sites.get(n)
+            if site is not None:
+                if n not in demoted:
+                    int8.update((n, site.result))
+            elif n in plan.quantized and n not in plan.fused and n.args and n.args[0] in int8:
+                int8.add(n)
+        reads: set[fx.Node] = set()  # values an int8 op reads
+        for n in reversed(order):
+            for u in n.users:
+                kept = u in plan.sites and u not in demoted
+                if (kept and n in tensor_inputs(u, plan.sites[u].kind)) or (
+                    u in int8 and u not in plan.sites and u in reads
+                ):
+                    reads.add(n)
+                    break
+        idle = {
+            n
+            for n in candidates - demoted
+            if plan.sites[n].result not in reads
+            or not any(a in int8 for a in tensor_inputs(n, plan.sites[n].kind))
+        }
+        if not idle:
+            return demoted
+        demoted |= idle
+
+
+def _plan(
+    ir: GraphIR,
+    skip: list[str],
+    skip_types: list[str],
+    floats: set[str],
+    demoted: set[fx.Node],
+) -> Plan:
     plan = Plan()
     for node in ir.graph.nodes:
         if node in plan.fused:
@@ -205,6 +268,8 @@ def make_plan(ir: GraphIR, skip: Iterable[str], skip_types: Iterable[str]) -> Pl
             kind = None
         if kind is not None and skip_matches(node, ir, skip, skip_types):
             plan.skipped.append(node.name)
+            kind = None
+        if node in demoted or node.name in floats:
             kind = None
         if kind is not None:
             site = Site(node, kind)
@@ -219,7 +284,7 @@ def make_plan(ir: GraphIR, skip: Iterable[str], skip_types: Iterable[str]) -> Pl
             site.label = base + ("+ReLU" if site.act is not None else "")
             plan.sites[node] = site
             plan.quantized.add(node)
-            for arg in _tensor_inputs(node, kind):
+            for arg in tensor_inputs(node, kind):
                 if arg not in plan.quantized:
                     plan.observed.setdefault(arg, node.name)
             plan.observed[site.observe] = node.name
@@ -234,7 +299,8 @@ def make_plan(ir: GraphIR, skip: Iterable[str], skip_types: Iterable[str]) -> Pl
     return plan
 
 
-def _tensor_inputs(node: fx.Node, kind: str) -> list[fx.Node]:
+def tensor_inputs(node: fx.Node, kind: str) -> list[fx.Node]:
+    """The tensor operands an int8 site of this kind reads (a concat's list, else the args)."""
     if kind == "cat":
         tensors: Any = node.args[0] if node.args else node.kwargs["tensors"]
         return list(tensors)
