@@ -55,6 +55,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import GraphoptError
 from .fxutil import fetch
+from .idioms import raise_idioms
 
 __all__ = ["raise_program"]
 
@@ -127,6 +128,7 @@ class _Raiser:
         if self.root is not None:
             self._raise_leaf_calls()
         self._raise_layers()
+        self._raise_idioms()
         _drop_dead_code(self.graph)
         self.graph = _renamed(self.graph)
         for node in self.graph.nodes:
@@ -420,6 +422,19 @@ class _Raiser:
             call.meta["export_stack"] = _stack_through(node.meta.get("export_stack", {}), path)
             node.replace_all_uses_with(call)
             self.graph.erase_node(node)
+
+    # -- step 4: layers written out in arithmetic (RMSNorm, HF Conv1D), see idioms --------
+
+    def _raise_idioms(self) -> None:
+        for node in raise_idioms(self.graph, self.objects):
+            stack = node.meta.get("export_stack", {})
+            if node.op == "call_module":
+                path = str(node.target)
+                node.meta[NAME] = path.replace(".", "_")
+                node.meta["export_stack"] = _stack_through(stack, path)
+            else:
+                scope = _innermost(stack).replace(".", "_")
+                node.meta[NAME] = f"{scope}_rms_norm" if scope else "rms_norm"
 
     def _place(self, path: str, module: nn.Module, shared: dict[str, nn.Module]) -> Any:
         """The module to call at ``path``: the live one if it is exactly ``module``'s layer,

@@ -71,6 +71,9 @@ class ChannelGraph:
     ir: GraphIR
     #: nn.MultiheadAttention loses whole heads rather than positions inside every head
     whole_heads: bool = False
+    #: spaces that index attention heads (found by a first analysis, see ``deps.analyse``):
+    #: a reshape splitting channels into (heads, head size) links them with whole heads
+    heads: frozenset[SpaceKey] = frozenset()
     spaces: dict[SpaceKey, tuple[int, int]] = field(default_factory=dict)
     total: int = 0
     edges: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
@@ -96,8 +99,29 @@ class ChannelGraph:
     _nodes: dict[str, fx.Node] = field(default_factory=dict, repr=False)
     _modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
 
+    #: every other name of a tensor reachable by several (tied weights: a language model's
+    #: head and its token embedding), by the name its spaces go by
+    aliases: dict[str, list[str]] = field(default_factory=dict)
+    _canonical: dict[str, str] = field(default_factory=dict, repr=False)
+
     def __post_init__(self) -> None:
         self._nodes = {n.name: n for n in self.ir.graph.nodes}
+        gm = self.ir.gm
+        first: dict[int, str] = {}
+        named = [
+            *gm.named_parameters(remove_duplicate=False),
+            *gm.named_buffers(remove_duplicate=False),
+        ]
+        for name, t in named:
+            owner = first.setdefault(id(t), name)
+            if owner != name:  # a tied tensor: one set of spaces under its first name
+                self._canonical[name] = owner
+                self.aliases.setdefault(owner, []).append(name)
+
+    def canonical(self, qualname: str) -> str:
+        """The name the spaces of the tensor at ``qualname`` go by (its first name, when
+        the tensor is tied to others)."""
+        return self._canonical.get(qualname, qualname)
 
     # -- spaces ---------------------------------------------------------------------------
 
@@ -105,12 +129,12 @@ class ChannelGraph:
         """The space of dim ``dim`` of ``node``'s value (of its ``item``-th tensor if it is
         a tuple)."""
         if node.op == "get_attr":
-            return ("p", str(node.target), dim)
+            return ("p", self.canonical(str(node.target)), dim)
         return ("n", node.name, item, dim)
 
     def param_key(self, module_path: str, pname: str, dim: int) -> SpaceKey:
         """The space of dim ``dim`` of parameter (or buffer) ``pname`` of a submodule."""
-        return ("p", f"{module_path}.{pname}" if module_path else pname, dim)
+        return ("p", self.canonical(f"{module_path}.{pname}" if module_path else pname), dim)
 
     def attr_key(self, node: Any, dim: int) -> SpaceKey | None:
         """The space of a weight passed as a ``get_attr`` node (None if it is absent);
@@ -119,7 +143,7 @@ class ChannelGraph:
             return None
         if not (isinstance(node, fx.Node) and node.op == "get_attr"):
             raise ValueError("its weight is computed, not a parameter")
-        return ("p", str(node.target), dim)
+        return ("p", self.canonical(str(node.target)), dim)
 
     def weight_key(self, node: Any, dim: int) -> SpaceKey:
         """:meth:`attr_key` of a weight that must be there."""

@@ -45,9 +45,11 @@ class PruneOptions:
     )  # fmt: skip
     steps: int = graphopt.option(1, "prune in this many steps, re-scoring in between", ge=1)
     ignore: list[str] = graphopt.option([], "node-name globs whose layers stay whole")
-    heads: bool = graphopt.option(
-        False,
-        "remove whole heads of nn.MultiheadAttention instead of the same positions of every head",
+    heads: bool | None = graphopt.option(
+        None,
+        "remove whole attention heads (true) or the same positions of every head (false); "
+        "by default whole heads where scaled dot-product attention batches its heads in a "
+        "dimension of their own, positions in nn.MultiheadAttention",
     )
     seed: int = graphopt.option(0, "seed of the random criterion")
     blocks: int = graphopt.option(

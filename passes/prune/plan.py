@@ -147,6 +147,8 @@ class Estimator:
             spaces = [self.index[k] for k in self._out_keys(node) if k in self.index]
             rule = rule_set.find(node, g.module)
             c = rule.contracted(g, node) if rule is not None and rule.applies(node) else None
+            if c is not None and c[0] == "p":
+                c = ("p", g.canonical(c[1]), *c[2:])
             if c is not None and c in self.index:
                 spaces.append(self.index[c])
             self.terms.append((n_macs, spaces))

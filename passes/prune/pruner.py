@@ -60,7 +60,7 @@ def apply_removal(
         rule_set = rules()
     masks = keep_masks(g, removed)
     sizes = Resize(ir, g, masks)
-    _slice_tensors(ir, masks)
+    _slice_tensors(ir, masks, g.aliases)
     for node in list(ir.graph.nodes):
         if node.op in ("call_module", "call_function", "call_method"):
             rule = rule_set.find(node, sizes.module)
@@ -73,7 +73,11 @@ def apply_removal(
     return observe(ir)
 
 
-def _slice_tensors(ir: GraphIR, masks: dict[SpaceKey, np.ndarray]) -> None:
+def _slice_tensors(
+    ir: GraphIR, masks: dict[SpaceKey, np.ndarray], aliases: dict[str, list[str]]
+) -> None:
+    """Slice every masked tensor once; its other names (tied weights) get the very same
+    sliced tensor, so they stay tied."""
     by_name: dict[str, dict[int, np.ndarray]] = {}
     for key, mask in masks.items():
         if key[0] == "p":
@@ -82,7 +86,14 @@ def _slice_tensors(ir: GraphIR, masks: dict[SpaceKey, np.ndarray]) -> None:
         new = ir.fetch(qualname).detach()
         for d, mask in sorted(dims.items()):
             new = new.index_select(d, torch.from_numpy(np.flatnonzero(mask)))
-        store_tensor(ir.gm, qualname, new)
+        stored = store_tensor(ir.gm, qualname, new)
+        for alias in aliases.get(qualname, ()):
+            owner_path, _, name = alias.rpartition(".")
+            owner = ir.gm.get_submodule(owner_path) if owner_path else ir.gm
+            if name in owner._buffers:
+                owner._buffers[name] = stored
+            else:
+                setattr(owner, name, stored)
 
 
 def _size_read(node: fx.Node) -> tuple[fx.Node, int] | None:

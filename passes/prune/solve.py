@@ -15,20 +15,14 @@ from scipy.sparse.csgraph import connected_components
 
 from .graph import ChannelGraph, distinct
 
-__all__ = ["solve"]
+__all__ = ["components", "solve"]
 
 
 def solve(g: ChannelGraph) -> None:
     """Fill in ``g``'s atoms (``comp``), their flags and their groups from its links and
     freezes; run again after more is frozen."""
     n = g.total
-    if g.edges:
-        a = np.concatenate([e[0] for e in g.edges])
-        b = np.concatenate([e[1] for e in g.edges])
-    else:
-        a = b = np.zeros(0, dtype=np.int64)
-    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
-    _, comp = connected_components(graph, directed=False)
+    comp = components(g)
     g.comp = comp
     ncomp = int(comp.max()) + 1 if n else 0
     frozen = np.zeros(ncomp, dtype=bool)
@@ -42,6 +36,18 @@ def solve(g: ChannelGraph) -> None:
     g.has_producer = has_producer
     g.prunable = has_producer & ~frozen
     g.space_of, g.group_of = _groups(g, comp, ncomp)
+
+
+def components(g: ChannelGraph) -> np.ndarray:
+    """The connected component of every element of ``g`` under its links."""
+    n = g.total
+    if g.edges:
+        a = np.concatenate([e[0] for e in g.edges])
+        b = np.concatenate([e[1] for e in g.edges])
+    else:
+        a = b = np.zeros(0, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
 
 
 def _groups(g: ChannelGraph, comp: np.ndarray, ncomp: int) -> tuple[np.ndarray, np.ndarray]:

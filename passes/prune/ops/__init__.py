@@ -36,6 +36,7 @@ from .movement import Cat, GetItem, Move, Split, Stack
 from .norms import BatchNorm, GroupNorm, LayerNorm, PReLU
 from .pointwise import Elementwise, Pad, Pool, Reduce, SameLayout, Softmax
 from .torchvision_leaves import PatchMergingPad, ShiftedWindowAttention
+from .transformer import RMSNorm
 
 __all__ = ["BUILTIN_RULES", "OpRule", "Resize", "RuleSet", "concrete", "qualified_name", "rules"]
 
@@ -45,7 +46,7 @@ BUILTIN_RULES = RuleSet(
         Elementwise(), SameLayout(), Pool(), Pad(), Softmax(), Reduce(),
         Move(), GetItem(), Cat(), Stack(), Split(),
         Conv(), Linear(), Embedding(),
-        BatchNorm(), GroupNorm(), LayerNorm(), PReLU(),
+        BatchNorm(), GroupNorm(), LayerNorm(), PReLU(), RMSNorm(),
         MultiheadAttention(), ScaledDotProduct(), Matmul(), Einsum(),
         ShiftedWindowAttention(), PatchMergingPad(),
     ]

@@ -169,6 +169,16 @@ class ScaledDotProduct(OpRule):
             for key in g.tensor_keys(mask):
                 g.freeze(key, node, "an attention mask")
 
+    def heads(self, g: ChannelGraph, node: fx.Node) -> list[SpaceKey]:
+        """The heads dimension (the third from last) of q, k, v and the output."""
+        q, k, v = (node_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+        found = []
+        for t in (q, k, v, node):
+            tv = val(t)
+            if isinstance(tv, torch.Tensor) and tv.dim() >= 3 and tv.shape[-3] > 1:
+                found.append(g.key(t, tv.dim() - 3))
+        return found
+
     def resize(self, node: fx.Node, sizes: Resize) -> None:
         """The default scale is 1/sqrt(head dim): keep the old one when the head dim
         shrinks."""

@@ -110,6 +110,12 @@ class OpRule:
         """The space ``node`` multiply-accumulates over, if any (its MACs scale with it)."""
         return None
 
+    def heads(self, g: ChannelGraph, node: fx.Node) -> list[SpaceKey]:
+        """The spaces of ``node``'s operands that index attention heads, if it is an
+        attention whose heads sit in a dimension of their own (whole-head pruning removes
+        them, keeping every head's size)."""
+        return []
+
     def __repr__(self) -> str:
         return type(self).__name__
 

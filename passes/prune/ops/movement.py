@@ -226,14 +226,15 @@ def link_by_shape(g: ChannelGraph, node: fx.Node, *, reshape: bool = False) -> b
     if not reshape and t not in _RESHAPES:
         return False
     for ins, outs in _reshape_blocks(list(vin.shape), list(vout.shape)):
-        # where one side is a single dim, link it with the largest dim of the other side,
-        # so removals stay product sets of the factors and the reshape remains valid;
-        # every other factor (all of them, if both sides have several) is regrouped
+        # where one side is a single dim, link it with the largest dim of the other side
+        # (or with the one indexing attention heads, when whole heads go), so removals stay
+        # product sets of the factors and the reshape remains valid; every other factor
+        # (all of them, if both sides have several) is regrouped
         d: int | None = None
         e: int | None = None
         if len(ins) == 1 or len(outs) == 1:
-            d = max(ins, key=lambda i: (vin.shape[i], -i))
-            e = max(outs, key=lambda i: (vout.shape[i], -i))
+            d = _widest(g, src, ins, vin.shape)
+            e = _widest(g, node, outs, vout.shape)
             if len(ins) == 1:  # input index i sits at this index along e
                 ia = np.arange(vin.shape[d])
                 ib = _factor_index(ia, [vout.shape[k] for k in outs], outs.index(e))
@@ -248,6 +249,13 @@ def link_by_shape(g: ChannelGraph, node: fx.Node, *, reshape: bool = False) -> b
             if k != e:
                 g.freeze(g.key(node, k), node, "a reshape regroups this dimension")
     return True
+
+
+def _widest(g: ChannelGraph, node: fx.Node, dims: list[int], shape: Any) -> int:
+    """The dim of ``dims`` that a reshape links across: one indexing attention heads if
+    any (``g.heads``), else the largest."""
+    heads = [d for d in dims if g.key(node, d) in g.heads]
+    return heads[0] if heads else max(dims, key=lambda i: (shape[i], -i))
 
 
 def link_by_coordinates(

@@ -8,6 +8,7 @@ are recomputed over the kept channels). Scales are marked for the ``bn_scale`` c
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch.fx as fx
@@ -110,8 +111,10 @@ class LayerNorm(OpRule):
     """``nn.LayerNorm`` and ``F.layer_norm``: parameters follow the normalised dims, whose
     ``normalized_shape`` is rewritten."""
 
-    modules = (nn.LayerNorm,)
-    functions = (F.layer_norm,)
+    modules: tuple[type[nn.Module], ...] = (nn.LayerNorm,)
+    functions: tuple[Any, ...] = (F.layer_norm,)
+    #: the functional form's tensor arguments, by name and position
+    tensor_args: tuple[tuple[str, int], ...] = (("weight", 2), ("bias", 3))
 
     def link(self, g: ChannelGraph, node: fx.Node) -> None:
         g.identity(node_arg(node), node)
@@ -119,17 +122,16 @@ class LayerNorm(OpRule):
         if node.op == "call_module":
             t = str(node.target)
             m = g.module(node)
-            assert isinstance(m, nn.LayerNorm)
-            k = len(m.normalized_shape)
+            k = len(m.normalized_shape)  # type: ignore[arg-type]
             if m.elementwise_affine:
                 for i in range(k):
                     g.link(g.key(node, rank - k + i), g.param_key(t, "weight", i))
-                    if m.bias is not None:
+                    if getattr(m, "bias", None) is not None:
                         g.link(g.key(node, rank - k + i), g.param_key(t, "bias", i))
                 g.norm_scales.add(g.param_key(t, "weight", k - 1))
             return
         k = len(concrete(arg(node, 1, "normalized_shape")))
-        for name, i in (("weight", 2), ("bias", 3)):
+        for name, i in self.tensor_args:
             p = arg(node, i, name)
             if p is not None:
                 for j in range(k):
@@ -141,9 +143,8 @@ class LayerNorm(OpRule):
         rank = val(node).dim()
         if node.op == "call_module":
             m = sizes.module(node)
-            assert isinstance(m, nn.LayerNorm)
-            k = len(m.normalized_shape)
-            m.normalized_shape = tuple(sizes.dim(node, d) for d in range(rank - k, rank))
+            k = len(m.normalized_shape)  # type: ignore[arg-type]
+            m.normalized_shape = tuple(sizes.dim(node, d) for d in range(rank - k, rank))  # type: ignore[assignment]
             return
         k = len(arg(node, 1, "normalized_shape"))
         shape = [sizes.dim(node, d) for d in range(rank - k, rank)]
