@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
-    console = Console()
+    console = Console(width=170)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
