@@ -175,3 +175,35 @@ def test_pruned_token_model_runs_in_onnxruntime(family, pipeline, tmp_path):
         want = graphopt.primary_output(graphopt.run_model(result.ir.gm, (ids, mask)))
     assert got.shape == tuple(want.shape)
     torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-3, atol=1e-3)
+
+
+class _Written(nn.Module):
+    """A Conv1D and an RMSNorm written out as GPT-2 and Llama write them, plus a mean over
+    channels that is not a norm (its square is used twice)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.proj = Conv1D(12, 8)
+        self.weight = nn.Parameter(torch.rand(12) + 0.5)
+
+    def forward(self, x):
+        h = self.proj(x).float()
+        normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        square = x.pow(2)
+        return self.weight * normed.to(h.dtype), square.mean(-1, keepdim=True) + square
+
+
+def test_idioms_are_raised_exactly_at_capture():
+    model = _Written().eval()
+    x = torch.randn(2, 5, 8)
+    ir = GraphIR.trace(model, (x,), capture="export")
+    assert isinstance(ir.gm.get_submodule("proj"), nn.Linear)
+    assert model.proj.weight.shape == (8, 12)  # the model's own Conv1D is left as it was
+    norms = [n for n in ir.graph.nodes if n.target is F.rms_norm]
+    assert len(norms) == 1 and norms[0].args[1] == [12]
+    assert "rsqrt" not in ir.gm.code and "addmm" not in ir.gm.code
+    with torch.no_grad():
+        for got, want in zip(ir.gm(x), model(x), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphopt import GraphIR, GraphoptError
+from graphopt.idioms import linear_from_conv1d
 from graphopt.ir import ORIGIN
 
 __all__ = ["Expansion", "expand_composites", "plain_linears"]
@@ -502,7 +503,7 @@ def _as_linear(module: nn.Module) -> nn.Linear | None:
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     is_conv1d = type(module).__name__ == "Conv1D" and hasattr(module, "nf")
     if is_conv1d and isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        return _linear(weight.detach().t().contiguous(), bias)
+        return linear_from_conv1d(weight, bias)
     return None
 
 
@@ -534,7 +535,7 @@ def _functional_linear(ir: GraphIR, node: fx.Node) -> tuple[Any, nn.Linear] | No
             return None
         if len(w_node.users) != 1:  # type: ignore[union-attr]  # a transposed copy: sole use
             return None
-        return x, _linear(weight.detach().t().contiguous(), bias)
+        return x, linear_from_conv1d(weight, bias)
     return None
 
 
