@@ -5,7 +5,7 @@ lifted parameters. The passes speak the vocabulary of ``torch.fx`` symbolic trac
 calls of leaf modules (``call_module`` of a ``Conv2d``, ``Linear``, ``LayerNorm`` …) and
 torch-level functions and methods (``operator.add``, ``torch.cat``, ``F.relu``,
 ``Tensor.view`` …). :func:`raise_program` rewrites an exported program into that vocabulary
-in three steps:
+in four steps:
 
 1. **Leaf-module calls.** When the live model is at hand, every call of a leaf module (a
    ``torch.nn`` layer, as fx keeps it, or one the user named) was recorded by export with its
@@ -21,6 +21,8 @@ in three steps:
    module path (``F.conv2d(x, conv1.weight, …)``) becomes a call of that module: the live
    module when it is exactly that layer, or, for a program loaded from a ``.pt2`` file with
    no model behind it, a ``torch.nn`` layer rebuilt around the same tensors.
+4. **Idioms.** Layers written out in arithmetic (RMSNorm, Hugging Face's Conv1D) become
+   the torch layer they compute (:mod:`graphopt.idioms`).
 
 Nodes are named after the module they ran in (``layer1_0_conv1``, ``layer1_0_add``), so two
 captures of one model give the same names (distillation pairs teacher and student by them),
