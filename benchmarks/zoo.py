@@ -179,8 +179,8 @@ def run_torch_pruning(model: Any, x: Any, ratio: float) -> dict[str, Any]:
     return row
 
 
-def one(name: str, size: int | None, ratio: float, tp_too: bool) -> dict[str, Any]:
-    """Everything measured on one model (runs in the worker process)."""
+def one(name: str, size: int | None, ratio: float, tool: str) -> dict[str, Any]:
+    """What ``tool`` (graphopt, tp or both) measures on one model, in the worker process."""
     import warnings
 
     import torch
@@ -190,8 +190,9 @@ def one(name: str, size: int | None, ratio: float, tp_too: bool) -> dict[str, An
     model, x, query, side = build(name, size)
     record: dict[str, Any] = {"model": name, "side": side,
                               "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
-    record["graphopt"] = run_graphopt(name, query, x, ratio)
-    if tp_too:
+    if tool in ("graphopt", "both"):
+        record["graphopt"] = run_graphopt(name, query, x, ratio)
+    if tool in ("tp", "both"):
         record["tp"] = run_torch_pruning(copy.deepcopy(model), x, ratio)
     return record
 
@@ -199,22 +200,34 @@ def one(name: str, size: int | None, ratio: float, tp_too: bool) -> dict[str, An
 # -- the run -----------------------------------------------------------------------------------
 
 
-def in_worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--one", name, "--ratio", str(args.ratio)]
-    command += ["--size", str(args.size)] + ([] if args.tp else ["--no-tp"])
+def in_worker(name: str, tool: str, timeout: float, args: argparse.Namespace) -> dict[str, Any]:
+    """One tool on one model in a subprocess; a crash or a timeout is recorded as its
+    error."""
+    command = [sys.executable, __file__, "--one", name, "--tool", tool]
+    command += ["--ratio", str(args.ratio), "--size", str(args.size)]
     start = time.perf_counter()
-    failed = ""
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         lines = done.stdout.strip().splitlines()
         if done.returncode == 0 and lines:
             return json.loads(lines[-1])
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         failed = f"worker exited with status {done.returncode}: {tail[:300]}"
     except subprocess.TimeoutExpired:
-        failed = f"timed out after {args.timeout:.0f} s"
-    return {"model": name, "side": args.size, "worker_error": failed,
-            "graphopt": {"error": failed, "seconds": time.perf_counter() - start}}  # fmt: skip
+        failed = f"timed out after {timeout:.0f} s"
+    seconds = time.perf_counter() - start
+    return {"model": name, tool: {"error": failed, "seconds": seconds}}
+
+
+def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """graphopt, then Torch-Pruning, each in its own worker with its own time limit."""
+    record = in_worker(name, "graphopt", args.timeout, args)
+    if args.tp:
+        tp = in_worker(name, "tp", args.tp_timeout, args)
+        record["tp"] = tp["tp"]
+        record.setdefault("side", tp.get("side"))
+        record.setdefault("params", tp.get("params"))
+    return record
 
 
 def through(record: dict[str, Any], bound: float) -> bool:
@@ -318,12 +331,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64, help="input side (0: default)")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--macs-bound", type=float, default=0.7)
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per model")
+    parser.add_argument("--timeout", type=float, default=600, help="graphopt seconds per model")
+    parser.add_argument("--tp-timeout", type=float, default=300, help="Torch-Pruning seconds")
     parser.add_argument("--results", type=pathlib.Path, default=DEFAULT_RESULTS)
     parser.add_argument("--redo", action="store_true", help="rerun models already recorded")
     parser.add_argument("--no-tp", dest="tp", action="store_false", help="skip Torch-Pruning")
     parser.add_argument("--report", action="store_true", help="only print what is recorded")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--tool", default="both", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     if args.part == "hf":
         run_hf(rest)
@@ -331,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     if args.one:
-        print(json.dumps(one(args.one, args.size or None, args.ratio, args.tp)))
+        print(json.dumps(one(args.one, args.size or None, args.ratio, args.tool)))
         return
 
     from rich.console import Console
@@ -344,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         for i, name in enumerate(chosen, 1):
             if name in done and not args.redo:
                 continue
-            record = in_worker(name, args)
+            record = measure(name, args)
             done[name] = record
             with args.results.open("a") as f:
                 f.write(json.dumps(record) + "\n")
