@@ -449,7 +449,7 @@ class Fold(graphopt.Pass):
         """Why the layer's output cannot take over the affine map at ``node`` (None if it can)."""
         if isinstance(layer, str):
             return layer
-        others = [_label(u) for u in layer.node.users if u is not node]
+        others = [_label(u) for u in layer.node.users if u is not node and not _reads_metadata(u)]
         if others:
             return f"also feeds {', '.join(others)}, which need its unnormalised output"
         return self._why_shared(layer)
@@ -804,3 +804,16 @@ def _drop_attr(ir: GraphIR, target: str) -> None:
 
 
 PASSES = (Fold,)
+
+
+#: what a node may read of a tensor without reading its values (folding keeps all of them)
+_METADATA_ATTRS = {"shape", "ndim", "dtype", "device", "layout", "is_cuda", "requires_grad"}
+_METADATA_METHODS = {"size", "dim", "ndimension", "numel", "get_device"}
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    """Whether ``node`` reads only its input's shape, rank, dtype or device (timm's
+    ``BatchNormAct2d`` asserts on ``x.ndim``), which a fold leaves as they were."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _METADATA_ATTRS
+    return node.op == "call_method" and node.target in _METADATA_METHODS

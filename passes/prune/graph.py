@@ -130,6 +130,8 @@ class ChannelGraph:
         a tuple)."""
         if node.op == "get_attr":
             return ("p", self.canonical(str(node.target)), dim)
+        if item is not None and item < 0:  # x[-1] of a tuple is its last item's space
+            item += len(val(node))
         return ("n", node.name, item, dim)
 
     def param_key(self, module_path: str, pname: str, dim: int) -> SpaceKey:
@@ -145,6 +147,17 @@ class ChannelGraph:
             raise ValueError("its weight is computed, not a parameter")
         return ("p", self.canonical(str(node.target)), dim)
 
+    def arg_key(self, node: Any, dim: int) -> SpaceKey | None:
+        """The space of dim ``dim`` of a tensor argument, stored (a ``get_attr`` node: its
+        parameter's space) or computed in the graph (a standardised weight: the computed
+        tensor's space, which the ops computing it link back to the parameter); None if
+        the argument is absent."""
+        if node is None:
+            return None
+        if not isinstance(node, fx.Node):
+            raise ValueError("a tensor argument is not a tensor of the graph")
+        return self.key(node, dim)
+
     def weight_key(self, node: Any, dim: int) -> SpaceKey:
         """:meth:`attr_key` of a weight that must be there."""
         key = self.attr_key(node, dim)
@@ -159,6 +172,13 @@ class ChannelGraph:
         if key[2] is not None:
             v = v[key[2]]
         return int(v.shape[key[3]])
+
+    def rank_of(self, key: SpaceKey) -> int:
+        """The number of dims of the tensor ``key`` is a dim of."""
+        if key[0] == "p":
+            return self.tensor(key[1]).dim()
+        v = val(self._nodes[key[1]])
+        return int((v if key[2] is None else v[key[2]]).dim())
 
     def tensor(self, qualname: str) -> torch.Tensor:
         """The parameter or buffer at ``qualname`` (looked up once: the IR is not edited

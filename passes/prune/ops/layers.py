@@ -2,12 +2,20 @@
 
 Their weights' output dimension is what makes an atom prunable (a *producer*); the input
 dimension they contract over is a *consumer*. Each covers the module and the functional
-form (``F.conv2d(x, self.weight)`` with a stored weight).
+form, with a stored weight (``F.conv2d(x, self.weight)``) or one computed in the graph from
+a parameter (timm's weight-standardised ``StdConv2d``/``ScaledStdConv2d``: ``F.conv2d(x,
+batch_norm(self.weight.reshape(1, out, -1), …).reshape_as(self.weight))``): the computed
+weight's dims are linked like a stored one's, and the ops computing it link them back to
+the parameter, which is sliced with them.
 """
 
 from __future__ import annotations
 
+import operator
+from typing import Any
+
 import numpy as np
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
@@ -47,10 +55,15 @@ class Conv(OpRule):
             w = g.param_key(t, "weight", 0)
             _conv_like(g, node, x, w, b, m.groups, m.transposed, t)
             return
-        weight = g.weight_key(arg(node, 1, "weight"), 0)
+        w = arg(node, 1, "weight")
+        weight = g.arg_key(w, 0)
+        if weight is None:
+            raise ValueError("it has no weight")
         groups = int(concrete(arg(node, 6, "groups", 1)))
-        bias = g.attr_key(arg(node, 2, "bias"), 0)
-        _conv_like(g, node, x, weight, bias, groups, node.target in _TRANSPOSED)
+        bias = g.arg_key(arg(node, 2, "bias"), 0)
+        transposed = node.target in _TRANSPOSED
+        _conv_like(g, node, x, weight, bias, groups, transposed, _owner(w))
+        _mark_source(g, w, (0, 1) if groups == 1 else (0, None), transposed)
 
     def resize(self, node: fx.Node, sizes: Resize) -> None:
         if node.op != "call_module":
@@ -85,11 +98,9 @@ class Conv(OpRule):
                 return None
             return ("p", f"{node.target}.weight", 0 if m.transposed else 1)
         weight = arg(node, 1, "weight")
-        if arg(node, 6, "groups", 1) != 1 or not (
-            isinstance(weight, fx.Node) and weight.op == "get_attr"
-        ):
+        if arg(node, 6, "groups", 1) != 1 or not isinstance(weight, fx.Node):
             return None
-        return ("p", str(weight.target), 0 if node.target in _TRANSPOSED else 1)
+        return g.key(weight, 0 if node.target in _TRANSPOSED else 1)
 
 
 def _conv_like(
@@ -103,12 +114,11 @@ def _conv_like(
     owner: str = "",
 ) -> None:
     vx, out = val(x), val(node)
-    wshape = g.tensor(w[1]).shape
-    spatial = len(wshape) - 2
+    spatial = g.rank_of(w) - 2
     cd = vx.dim() - spatial - 1
 
     def wk(d: int) -> SpaceKey:
-        return (w[0], w[1], d)
+        return (*w[:-1], d)
 
     if cd == 1:
         g.link(g.key(x, 0), g.key(node, 0))
@@ -147,8 +157,12 @@ class Linear(OpRule):
             b = g.param_key(t, "bias", 0) if g.module(node).bias is not None else None
             _linear_like(g, node, x, g.param_key(t, "weight", 0), b, t)
             return
-        w = g.weight_key(arg(node, 1, "weight"), 0)
-        _linear_like(g, node, x, w, g.attr_key(arg(node, 2, "bias"), 0))
+        weight = arg(node, 1, "weight")
+        w = g.arg_key(weight, 0)
+        if w is None:
+            raise ValueError("it has no weight")
+        _linear_like(g, node, x, w, g.arg_key(arg(node, 2, "bias"), 0), _owner(weight))
+        _mark_source(g, weight, (1, 0), False)
 
     def resize(self, node: fx.Node, sizes: Resize) -> None:
         if node.op == "call_module":
@@ -160,9 +174,7 @@ class Linear(OpRule):
         if node.op == "call_module":
             return ("p", f"{node.target}.weight", 1)
         weight = arg(node, 1, "weight")
-        if isinstance(weight, fx.Node) and weight.op == "get_attr":
-            return ("p", str(weight.target), 1)
-        return None
+        return g.key(weight, 1) if isinstance(weight, fx.Node) else None
 
 
 def _linear_like(
@@ -170,12 +182,12 @@ def _linear_like(
 ) -> None:
     r = val(x).dim()
     g.identity(x, node, range(r - 1))
-    g.link(g.key(x, r - 1), (w[0], w[1], 1))
-    g.consumers.add((w[0], w[1], 1))
-    g.link(g.key(node, r - 1), (w[0], w[1], 0))
+    g.link(g.key(x, r - 1), (*w[:-1], 1))
+    g.consumers.add((*w[:-1], 1))
+    g.link(g.key(node, r - 1), (*w[:-1], 0))
     if b is not None:
         g.link(g.key(node, r - 1), b)
-    g.produces((w[0], w[1], 0), owner or node.name)
+    g.produces((*w[:-1], 0), owner or node.name)
 
 
 class Embedding(OpRule):
@@ -202,3 +214,57 @@ class Embedding(OpRule):
             m = sizes.module(node)
             assert isinstance(m, nn.Embedding)
             m.embedding_dim = m.weight.shape[1]
+
+
+#: ops a weight may be computed with and keep its parameter's layout: reshapes and back,
+#: per-element arithmetic, normalisation over the weight's rows (weight standardisation)
+_LAYOUT_KEEPING = {
+    "reshape", "view", "reshape_as", "view_as", "flatten", "contiguous", "mul", "div", "add",
+    "sub", torch.reshape, torch.flatten, torch.mul, torch.div, torch.add, torch.sub,
+    operator.mul, operator.truediv, operator.add, operator.sub, F.batch_norm, F.layer_norm,
+    F.group_norm, F.instance_norm,
+}  # fmt: skip
+
+
+def _stored_source(weight: fx.Node) -> fx.Node | None:
+    """The ``get_attr`` node a computed weight is derived from through layout-keeping ops
+    (following their first argument), when it has the weight's shape; else None."""
+    node = weight
+    while node.op != "get_attr":
+        if node.op not in ("call_function", "call_method") or node.target not in _LAYOUT_KEEPING:
+            return None
+        first = node.args[0] if node.args else None
+        if not isinstance(first, fx.Node):
+            return None
+        node = first
+    same = getattr(val(node), "shape", None) == getattr(val(weight), "shape", None)
+    return node if node is not weight and same else None
+
+
+def _owner(weight: Any) -> str:
+    """The layer a functional call's weight belongs to, for reports: the module path of
+    the stored parameter it is (or is computed from); empty if none."""
+    if not isinstance(weight, fx.Node):
+        return ""
+    source = weight if weight.op == "get_attr" else _stored_source(weight)
+    return str(source.target).rpartition(".")[0] or str(source.target) if source else ""
+
+
+def _mark_source(
+    g: ChannelGraph, weight: Any, dims: tuple[int, int | None], transposed: bool
+) -> None:
+    """For a weight computed from a parameter of the same layout, mark the parameter's
+    output (and input) dim as the layer's producer (consumer) too, so that the criteria
+    score its rows and columns; ``dims`` is (output, input) of the untransposed layout,
+    input None for grouped convolutions."""
+    if not isinstance(weight, fx.Node) or weight.op == "get_attr":
+        return
+    source = _stored_source(weight)
+    if source is None:
+        return
+    out_dim, in_dim = dims
+    if transposed and in_dim is not None:
+        out_dim, in_dim = in_dim, out_dim
+    g.produces(g.key(source, out_dim), _owner(weight))
+    if in_dim is not None:
+        g.consumers.add(g.key(source, in_dim))

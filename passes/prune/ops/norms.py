@@ -48,7 +48,7 @@ class BatchNorm(OpRule):
         g.identity(x, node)
         if node.op != "call_module":
             keys = [
-                g.attr_key(arg(node, i, n), 0)
+                g.arg_key(arg(node, i, n), 0)
                 for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))
             ]
             _channel_params(g, node, 1, keys, keys[2])
@@ -91,7 +91,7 @@ class GroupNorm(OpRule):
                 weight = g.param_key(t, "weight", 0)
                 _channel_params(g, node, 1, [weight, g.param_key(t, "bias", 0)], weight)
             return
-        keys = [g.attr_key(arg(node, i, n), 0) for i, n in ((2, "weight"), (3, "bias"))]
+        keys = [g.arg_key(arg(node, i, n), 0) for i, n in ((2, "weight"), (3, "bias"))]
         _channel_params(g, node, 1, keys, keys[0])
 
     def resize(self, node: fx.Node, sizes: Resize) -> None:
@@ -132,12 +132,12 @@ class LayerNorm(OpRule):
             return
         k = len(concrete(arg(node, 1, "normalized_shape")))
         for name, i in self.tensor_args:
-            p = arg(node, i, name)
-            if p is not None:
-                for j in range(k):
-                    g.link(g.key(node, rank - k + j), g.weight_key(p, j))
-                if name == "weight":
-                    g.norm_scales.add(g.weight_key(p, k - 1))
+            keys = [g.arg_key(arg(node, i, name), j) for j in range(k)]
+            for j, key in enumerate(keys):
+                if key is not None:
+                    g.link(g.key(node, rank - k + j), key)
+            if name == "weight" and keys[-1] is not None:
+                g.norm_scales.add(keys[-1])
 
     def resize(self, node: fx.Node, sizes: Resize) -> None:
         rank = val(node).dim()

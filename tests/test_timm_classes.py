@@ -1,0 +1,95 @@
+"""The failure classes ``benchmarks/zoo.py`` found on a seeded sample of timm, one real timm
+model each (small inputs, shallow configurations): each prunes for real and correctly.
+
+* weight-standardised convolutions (``ScaledStdConv2d``/``StdConv2d``: the weight is
+  computed in the graph from a parameter) prune that parameter's channels;
+* Res2Net's ``split`` → per-piece convs → ``cat`` with the last piece taken as ``x[-1]``
+  prunes every piece alike;
+* BatchNorm after a layer whose output's ``ndim`` is also read (timm's ``BatchNormAct2d``)
+  folds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import graphopt
+
+timm = pytest.importorskip("timm")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _prune(spec: str, side: int) -> tuple[graphopt.Result, torch.Tensor]:
+    ir = graphopt.load(spec, input_shapes=[(1, 3, side, side)])
+    return graphopt.optimize(ir, "prune(ratio=0.5)"), ir.example_inputs[0]
+
+
+def _runs_with_same_output_shape(spec: str, result: graphopt.Result, x: torch.Tensor) -> None:
+    original = graphopt.load(spec, input_shapes=[tuple(x.shape)]).gm
+    with torch.no_grad():
+        assert result.ir.gm(x).shape == original(x).shape
+
+
+def test_weight_standardised_convs_prune_their_parameter():
+    from timm.layers import ScaledStdConv2d
+
+    torch.manual_seed(0)
+    model = timm.create_model("nf_regnet_b0", pretrained=False, num_classes=10).eval()
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, ScaledStdConv2d)}
+    assert len(convs) > 20
+    for m in convs.values():  # distinct gains, so that the kept rows can be told apart
+        m.gain.data = torch.rand_like(m.gain) + 0.5
+    x = torch.randn(1, 3, 32, 32)
+    result = graphopt.optimize(model, "prune(ratio=0.5)", example_inputs=(x,))
+    first, last = result.ledger[0], result.ledger[-1]
+    assert last.macs <= 0.35 * first.macs, last.notes
+    pruned = result.ir.gm
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape
+    narrower = 0
+    for name, m in convs.items():
+        w, gain = pruned.get_parameter(f"{name}.weight"), pruned.get_parameter(f"{name}.gain")
+        assert w.shape[0] == gain.shape[0]
+        narrower += w.shape[0] < m.out_channels
+        # the kept gains are some of the original ones, in order, and the raw weight keeps
+        # the same rows (and some of their columns)
+        kept = [int((m.gain.flatten() == v).nonzero()) for v in gain.flatten()]
+        assert kept == sorted(kept)
+        rows = m.weight[kept]
+        cols = [
+            next(j for j in range(rows.shape[1]) if torch.equal(rows[:, j], w[:, c]))
+            for c in range(w.shape[1])
+        ]
+        assert torch.equal(rows[:, cols], w)
+    assert narrower > len(convs) // 2
+
+
+def test_res2net_split_pieces_prune_alike_including_the_last():
+    spec = "timm:res2net50_26w_4s?layers=[1,1,1,1]&num_classes=10"
+    result, x = _prune(spec, 32)
+    first, last = result.ledger[0], result.ledger[-1]
+    assert last.macs <= 0.35 * first.macs, last.notes
+    _runs_with_same_output_shape(spec, result, x)
+    gm = result.ir.gm
+    convs = [gm.get_submodule(f"layer1.0.convs.{i}") for i in range(3)]
+    width = convs[0].in_channels
+    assert width < 26
+    # every piece (the pooled last one too) has the split's width; conv3 reads all four
+    assert gm.get_submodule("layer1.0.conv1").out_channels == 4 * width
+    in3 = gm.get_submodule("layer1.0.conv3").in_channels
+    assert in3 == sum(c.out_channels for c in convs) + width
+
+
+def test_batchnorm_after_a_layer_whose_rank_is_asserted_folds_exactly():
+    ir = graphopt.load("timm:regnety_002?num_classes=10", input_shapes=[(1, 3, 32, 32)])
+    norms = sum(n.target is nn.functional.batch_norm for n in ir.graph.nodes)
+    assert norms > 10
+    result = graphopt.optimize(ir, "fold")
+    entry = result.ledger[-1]
+    assert entry.stats["BN folded"] == norms, entry.notes
+    assert not any(n.target is nn.functional.batch_norm for n in result.ir.graph.nodes)
+    x = ir.example_inputs[0]
+    with torch.no_grad():
+        torch.testing.assert_close(result.ir.gm(x), ir.gm(x), rtol=1e-4, atol=1e-4)
