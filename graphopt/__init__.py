@@ -24,7 +24,15 @@ from .lowering import lower, read_metadata
 from .manager import LedgerEntry, PassManager, Result
 from .measuring import Deviation, deviation, run_model
 from .outputs import primary_output
-from .pass_api import NamePatterns, NoOptions, Pass, PassContext, option, split_batch
+from .pass_api import (
+    NamePatterns,
+    NoOptions,
+    Pass,
+    PassContext,
+    input_names,
+    option,
+    split_batch,
+)
 from .plugins import (
     PluginInfo,
     PluginWarning,
@@ -66,6 +74,7 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "hookspec",
+    "input_names",
     "load",
     "load_registry",
     "lower",
@@ -143,13 +152,15 @@ def optimize(
     example_inputs: Sequence[Any] | None = None,
     data: Any = None,
     output: str | os.PathLike[str] | None = None,
+    format: str | None = None,
 ) -> Result:
     """Run a pipeline on a model (never mutated) and optionally lower the result to ``output``.
 
     ``model`` is a module (with ``example_inputs``), a traced :class:`GraphIR`, or a MODEL
     spec string as the CLI takes it (``"torchvision:resnet18"``, ``"hf:bert"``,
     ``"model.pt2"`` …). The passes are told the format ``output`` will be written in
-    (``ctx.target_format``).
+    (``ctx.target_format``): the one its suffix names, or ``format`` (an exporter's name,
+    e.g. ``"hf"`` for a transformers ``save_pretrained`` folder).
     """
     if isinstance(model, str):
         if example_inputs is None:
@@ -174,7 +185,10 @@ def optimize(
     if output is not None:
         from .lowering import check_output
 
-        target_format = check_output(os.fspath(output), registry.exporters).name
+        exporter = check_output(os.fspath(output), registry.exporters, format)
+        if exporter.check is not None:
+            exporter.check(ir.gm)
+        target_format = exporter.name
     manager = PassManager(pipeline, registry=registry, target_format=target_format)
     result = manager.run(ir, data=data)
     if output is not None:
@@ -184,5 +198,6 @@ def optimize(
             output,
             result.metadata(),
             manager.registry.exporters,
+            format,
         )
     return result

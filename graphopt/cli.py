@@ -260,6 +260,14 @@ def optimize(
         str,
         typer.Option("-o", "--output", help="Output: .pt2, .pt, .onnx, or a directory."),
     ],
+    format: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="Output format by name (default: from -o's suffix); 'hf' writes a "
+            "transformers save_pretrained folder.",
+        ),
+    ] = None,
     data: Annotated[
         str | None,
         typer.Option("--data", help="Calibration/training data: tensor file or module:callable."),
@@ -292,7 +300,7 @@ def optimize(
     from .report import ledger_table, write_text_atomic
 
     registry = _registry(ctx)
-    exporter = check_output(output, registry.exporters)
+    exporter = check_output(output, registry.exporters, format)
     manager = PassManager(
         passes,
         registry=registry,
@@ -308,6 +316,8 @@ def optimize(
     with _progress() as progress:
         task = progress.add_task("loading and tracing", total=len(manager.passes) + 2)
         ir = _load(spec, model)
+        if exporter.check is not None:
+            exporter.check(ir.gm)  # a model the format can never hold: before any pass
         progress.update(task, advance=1, description=f"running {manager.passes[0].name}")
         names = [p.name for p in manager.passes]
         done = [0]  # ledger entries seen after the input row (a pass may appear twice)
@@ -324,7 +334,12 @@ def optimize(
         if int(os.environ.get("RANK", "0")) != 0:
             return  # under torchrun, the first process alone writes and reports
         check = lower(
-            result.ir.gm, result.ir.example_inputs, output, result.metadata(), registry.exporters
+            result.ir.gm,
+            result.ir.example_inputs,
+            output,
+            result.metadata(),
+            registry.exporters,
+            format,
         )
         progress.update(task, advance=1, description="done")
     _console().print(ledger_table(result.ledger, title=f"{ir.source} → {output}"))

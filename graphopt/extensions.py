@@ -69,6 +69,10 @@ class Exporter:
         in-memory model (raise it for formats whose runtime rounds differently).
     ``summary``
         one line for ``graphopt plugins`` and the docs.
+    ``check(gm)``
+        optional: refuse, before any pass runs, a model this format can never hold, by
+        raising :class:`graphopt.GraphoptError` with one sentence (e.g. "this format needs
+        a model captured from transformers"). Without it every model is accepted up front.
 
     An exception from ``write`` or ``load`` is reported as the plugin's fault, naming it;
     a :class:`graphopt.GraphoptError` it raises (e.g. "this format cannot hold that op")
@@ -83,6 +87,7 @@ class Exporter:
     directory: bool = False
     tolerance: float = 1e-5
     summary: str = ""
+    check: Callable[[fx.GraphModule], None] | None = None
 
 
 @dataclass

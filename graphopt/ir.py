@@ -199,6 +199,7 @@ class GraphIR:
         """
         from .capture import CAPTURE, CAPTURE_MODES
         from .capture import capture as run_capture
+        from .hfformat import remember_origin
 
         if capture not in CAPTURE_MODES:
             raise GraphoptError(
@@ -224,6 +225,7 @@ class GraphIR:
             concrete_args=concrete_args,
             mode=capture,
         )
+        remember_origin(model, gm)  # what the hf output format rebuilds
         return cls(gm, example_inputs, source=source)
 
     @property

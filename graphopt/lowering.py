@@ -339,18 +339,25 @@ BUILTIN_EXPORTERS = (
 
 @hookimpl
 def graphopt_register_exporters(register: Any) -> None:
-    for exporter in BUILTIN_EXPORTERS:
+    from .hfformat import HF_EXPORTER
+
+    for exporter in (*BUILTIN_EXPORTERS, HF_EXPORTER):
         register(exporter)
 
 
 # -- choosing, writing, verifying ---------------------------------------------------------------
 
 
-def pick_exporter(out: str, exporters: Mapping[str, Exporter]) -> Exporter:
-    """The exporter for an output path: a path ending in a slash is a folder; otherwise a
-    file suffix names its format (even where a directory of that name exists, which
-    :func:`check_output` then refuses); a path without a suffix, or an existing directory
-    whose suffix names no format, is a folder."""
+def pick_exporter(
+    out: str, exporters: Mapping[str, Exporter], format: str | None = None
+) -> Exporter:
+    """The exporter for an output path: ``format`` when given (an exporter's name, e.g.
+    ``"hf"``); else a path ending in a slash is a folder; otherwise a file suffix names its
+    format (even where a directory of that name exists, which :func:`check_output` then
+    refuses); a path without a suffix, or an existing directory whose suffix names no
+    format, is a folder."""
+    if format is not None:
+        return _named_exporter(out, exporters, format)
     suffix = os.path.splitext(out.rstrip("/" + os.sep))[1].lower()
     by_suffix = next((e for e in exporters.values() if suffix and suffix in e.suffixes), None)
     folders = [e for e in exporters.values() if e.directory]
@@ -366,9 +373,29 @@ def pick_exporter(out: str, exporters: Mapping[str, Exporter]) -> Exporter:
     )
 
 
-def check_output(out: str, exporters: Mapping[str, Exporter]) -> Exporter:
-    """Fail early, before any work, if ``out`` cannot be written."""
-    exporter = pick_exporter(out, exporters)
+def _named_exporter(out: str, exporters: Mapping[str, Exporter], format: str) -> Exporter:
+    """The exporter called ``format``, if ``out`` is a path it can write."""
+    if format not in exporters:
+        note = exporters.fault_note() if isinstance(exporters, Contributions) else ""
+        raise GraphoptError(
+            f"no output format '{format}'; choose one of {', '.join(sorted(exporters))}{note}"
+        )
+    exporter = exporters[format]
+    suffix = os.path.splitext(out.rstrip("/" + os.sep))[1].lower()
+    if not exporter.directory and suffix not in exporter.suffixes:
+        raise GraphoptError(
+            f"the {format} output format writes {', '.join(exporter.suffixes)} files, not "
+            f"'{out}'; give -o a name ending in {exporter.suffixes[0]}"
+        )
+    return exporter
+
+
+def check_output(
+    out: str, exporters: Mapping[str, Exporter], format: str | None = None
+) -> Exporter:
+    """Fail early, before any work, if ``out`` cannot be written (in ``format``, when given:
+    an exporter's name)."""
+    exporter = pick_exporter(out, exporters, format)
     target = os.path.abspath(out.rstrip("/") or out)
     foreign = not os.path.exists(os.path.join(target, METADATA_NAME))
     if exporter.directory and os.path.isdir(target) and os.listdir(target) and foreign:
@@ -410,13 +437,16 @@ def lower(
     out: str | os.PathLike[str],
     metadata: dict[str, Any],
     exporters: Mapping[str, Exporter],
+    format: str | None = None,
 ) -> dict[str, Any]:
     """Write ``gm`` to ``out`` atomically and verify the artifact; return the check figures.
 
-    ``out`` names a directory when it ends with a slash or has no suffix (see
-    :func:`pick_exporter`)."""
+    ``out`` names a directory when it ends with a slash or has no suffix, unless ``format``
+    names the exporter (see :func:`pick_exporter`)."""
     out = os.fspath(out)
-    exporter = check_output(out, exporters)
+    exporter = check_output(out, exporters, format)
+    if exporter.check is not None:
+        exporter.check(gm)
     target = os.path.abspath(out.rstrip("/") or out)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)

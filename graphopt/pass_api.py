@@ -31,7 +31,7 @@ import fnmatch
 import math
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, get_args, get_origin
 
@@ -53,6 +53,7 @@ __all__ = [
     "Pass",
     "PassContext",
     "RegistryView",
+    "input_names",
     "option",
     "split_batch",
 ]
@@ -459,21 +460,33 @@ class NamePatterns:
             )
 
 
-def split_batch(batch: Any, n_inputs: int) -> tuple[tuple[Any, ...], Any]:
+#: keys a mapping batch may hold its labels under (transformers' tokenised datasets: "labels")
+LABEL_KEYS = ("labels", "label")
+
+
+def split_batch(batch: Any, inputs: int | Sequence[str]) -> tuple[tuple[Any, ...], Any]:
     """A batch of the user's data (``ctx.data``) as ``(model inputs, labels or None)``.
 
+    ``inputs`` is the number of the model's inputs, or their names (:func:`input_names`).
     A batch is a tensor (the one input of a one-input model), a tuple or list of the
-    model's ``n_inputs`` inputs optionally followed by the labels, or a pair
-    ``((inputs…), labels)``.
+    model's inputs optionally followed by the labels, a pair ``((inputs…), labels)``, or,
+    when ``inputs`` names them, a mapping from input names to tensors with the labels
+    under ``"labels"`` or ``"label"`` (a Hugging Face style batch).
 
     >>> x, y = torch.zeros(2, 3), torch.tensor([0, 1])
     >>> [len(split_batch(b, 1)[0]) for b in (x, (x,), (x, y), [(x,), y])]
     [1, 1, 1, 1]
     >>> split_batch((x, y), 1)[1] is y, split_batch((x,), 1)[1]
     (True, None)
+    >>> split_batch({"input_ids": x, "labels": y}, ["input_ids"])[1] is y
+    True
     """
+    names = None if isinstance(inputs, int) else list(inputs)
+    n_inputs = inputs if isinstance(inputs, int) else len(inputs)
     if isinstance(batch, torch.Tensor):
         return (batch,), None
+    if isinstance(batch, Mapping):
+        return _split_mapping(batch, names)
     if not isinstance(batch, tuple | list):
         raise GraphoptError(
             f"a data batch is a {type(batch).__name__}; batches must be tuples of the model's "
@@ -489,3 +502,29 @@ def split_batch(batch: Any, n_inputs: int) -> tuple[tuple[Any, ...], Any]:
         f"a data batch has {len(batch)} items but the model takes {n_inputs} input(s); give "
         f"{n_inputs} inputs, optionally followed by the labels"
     )
+
+
+def _split_mapping(batch: Mapping[str, Any], names: list[str] | None) -> tuple[tuple, Any]:
+    """A mapping batch's inputs in the model's order, and its labels (or None)."""
+    if names is None:
+        raise GraphoptError(
+            "a data batch is a mapping, which this step cannot match to the model's inputs; "
+            "give batches as tuples (inputs…, labels)"
+        )
+    labels = [k for k in LABEL_KEYS if k in batch]
+    extra = [k for k in batch if k not in names and k not in LABEL_KEYS]
+    missing = [n for n in names if n not in batch]
+    if extra or missing:
+        what = f"has key '{extra[0]}', which" if extra else f"lacks '{missing[0]}', which"
+        verb = "is not an input of" if extra else "is an input of"
+        raise GraphoptError(
+            f"a data batch {what} {verb} the model (its inputs: {', '.join(names)}; labels go "
+            f"under 'labels'); give a mapping with exactly those keys"
+        )
+    return tuple(batch[n] for n in names), batch[labels[0]] if labels else None
+
+
+def input_names(gm: Any) -> list[str]:
+    """The names of a graph module's inputs (its placeholders), in order: what
+    :func:`split_batch` matches a mapping batch's keys against."""
+    return [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]

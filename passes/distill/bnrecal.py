@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from graphopt import split_batch
+from graphopt import input_names, split_batch
 
 __all__ = ["recalibrate_bn"]
 
@@ -29,7 +29,7 @@ def recalibrate_bn(gm: fx.GraphModule, batches: Iterable[Any], max_batches: int)
     bns = [m for m in gm.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not bns:
         return 0
-    n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    names = input_names(gm)
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     modes = [(m, m.training) for m in gm.modules()]
     momenta = [bn.momentum for bn in bns]
@@ -43,7 +43,7 @@ def recalibrate_bn(gm: fx.GraphModule, batches: Iterable[Any], max_batches: int)
         for batch in batches:
             if used >= max_batches:
                 break
-            inputs, _ = split_batch(batch, n_inputs)
+            inputs, _ = split_batch(batch, names)
             gm(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs))
             used += 1
         return used

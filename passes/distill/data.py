@@ -10,8 +10,10 @@ may be
   same pipeline that read plain batches (``quant`` calibrating, ``bnrecal``) can share it.
 
 A batch is a tuple (or list) of the model's inputs, optionally followed by one more item,
-the labels; a bare tensor is the single input of a one-input model (see
-:func:`graphopt.split_batch`).
+the labels; a bare tensor is the single input of a one-input model; or a mapping from the
+model's input names to tensors, with the labels under ``"labels"`` (a Hugging Face style
+batch: ``{"input_ids": …, "attention_mask": …, "labels": …}``). See
+:func:`graphopt.split_batch`.
 """
 
 from __future__ import annotations

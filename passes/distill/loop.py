@@ -32,7 +32,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils import _pytree as pytree
 from torch.utils.data.distributed import DistributedSampler
 
-from graphopt import GraphoptError, LossFn, LossInputs, primary_output, run_model, split_batch
+from graphopt import (
+    GraphoptError,
+    LossFn,
+    LossInputs,
+    input_names,
+    primary_output,
+    run_model,
+    split_batch,
+)
 from graphopt.errors import first_line
 
 from .losses import adapter, ce_loss, feature_loss, kd_loss
@@ -82,10 +90,6 @@ def logits_of(out: Any) -> torch.Tensor:
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
             return leaf
     raise GraphoptError("the model's output holds no floating-point tensor to distill")
-
-
-def _n_inputs(gm: fx.GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "placeholder")
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -159,21 +163,23 @@ def evaluate(
     student: Callable[..., Any],
     teacher: Callable[..., Any] | None,
     batches: Iterable[Any],
-    n_inputs: int,
+    inputs: int | Sequence[str],
     device: torch.device,
 ) -> tuple[str, float]:
     """Top-1 accuracy against the labels (``"accuracy"``), or, for batches without labels,
-    top-1 agreement with the teacher (``"agreement"``). Both models must be in eval mode."""
+    top-1 agreement with the teacher (``"agreement"``); ``inputs`` is the number or the
+    names of the models' inputs (see :func:`graphopt.split_batch`). Both models must be in
+    eval mode."""
     hits = total = 0
     kind = "accuracy"
     for batch in batches:
-        inputs, target = split_batch(_to(batch, device), n_inputs)
-        pred = logits_of(student(*inputs))
+        model_inputs, target = split_batch(_to(batch, device), inputs)
+        pred = logits_of(student(*model_inputs))
         if target is None:
             if teacher is None:
                 raise GraphoptError("validation batches carry no labels and there is no teacher")
             kind = "agreement"
-            target = logits_of(teacher(*inputs)).argmax(1)
+            target = logits_of(teacher(*model_inputs)).argmax(1)
         elif target.dim() == pred.dim():  # class probabilities
             target = target.argmax(1)
         hits += int((pred.argmax(1) == target).sum())
@@ -314,9 +320,9 @@ class _Run:
         torch.manual_seed(o.seed)
         self.student, self.teacher, self.train_data, self.val = student, teacher, train, val
         self.o, self.extra_losses, self.ranks, self.device = o, extra_losses, ranks, device
-        self.n_inputs = _n_inputs(student)
+        self.names = input_names(student)
         self.notes: list[str] = []
-        first_inputs, first_target = split_batch(_to(_first_batch(train), device), self.n_inputs)
+        first_inputs, first_target = split_batch(_to(_first_batch(train), device), self.names)
         _check_runs(student, teacher, first_inputs)
         self.pairs, adapters, self.scales = self._pair_features(first_inputs)
         if o.gamma > 0 and first_target is None:
@@ -361,7 +367,7 @@ class _Run:
         if self.val is None:
             return None
         self.student.eval()
-        return evaluate(self.student, self.teacher, self.val, self.n_inputs, self.device)
+        return evaluate(self.student, self.teacher, self.val, self.names, self.device)
 
     def _start(self) -> int:
         """Measure the teacher and the untrained student, or resume from the checkpoint;
@@ -369,7 +375,7 @@ class _Run:
         teacher_metric = None
         if self.val:
             teacher_metric = evaluate(
-                self.teacher, self.teacher, self.val, self.n_inputs, self.device
+                self.teacher, self.teacher, self.val, self.names, self.device
             )[1]
         start = self._validate()
         self.result = FitResult(
@@ -400,7 +406,7 @@ class _Run:
         """``α·KD + β·feature + γ·CE`` + plugin losses + the BatchNorm L1 penalty."""
         o = self.o
         shard = self.ranks.shard(batch, self.train_data)
-        inputs, target = split_batch(_to(shard, self.device), self.n_inputs)
+        inputs, target = split_batch(_to(shard, self.device), self.names)
         with torch.no_grad():
             t_out, t_feats = self.t_net(*inputs)
         s_out, s_feats = self.train_model(*inputs)
