@@ -39,7 +39,15 @@ from torch import nn
 
 from .errors import GraphoptError, first_line
 
-__all__ = ["CAPTURE", "CAPTURE_MODES", "capture", "export_and_raise", "symbolic_trace"]
+__all__ = [
+    "CAPTURE",
+    "CAPTURE_MODES",
+    "HF_ORIGIN",
+    "capture",
+    "export_and_raise",
+    "remember_origin",
+    "symbolic_trace",
+]
 
 #: ``GraphModule.meta`` key naming the path that captured a graph ("fx" or "export")
 CAPTURE = "graphopt_capture"
@@ -47,6 +55,17 @@ CAPTURE_MODES = ("auto", "fx", "export")
 
 #: longest failure reason quoted from torch (export's first lines can run long)
 _REASON_CHARS = 240
+
+#: ``GraphModule.meta`` key of the transformers class and configuration a graph came from
+HF_ORIGIN = "graphopt.hf_origin"
+
+
+def remember_origin(model: Any, gm: fx.GraphModule) -> None:
+    """Record in ``gm.meta`` the transformers class and configuration of ``model`` (nothing
+    for other models)."""
+    config: Any = getattr(model, "config", None)
+    if hasattr(model, "save_pretrained") and hasattr(config, "to_dict"):
+        gm.meta[HF_ORIGIN] = {"class": type(model).__name__, "config": config.to_dict()}
 
 
 class _Tracer(fx.Tracer):

@@ -39,13 +39,13 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .capture import HF_ORIGIN, remember_origin
 from .errors import GraphoptError, first_line
 from .extensions import Exporter
 
 __all__ = ["HF_EXPORTER", "HF_ORIGIN", "remember_origin"]
 
 #: ``GraphModule.meta`` key: the transformers class name and configuration it was captured from
-HF_ORIGIN = "graphopt.hf_origin"
 METADATA_NAME = "graphopt.json"
 #: configuration keys of the FFN width, by family (BERT/Llama, DistilBERT, GPT-2, OPT …)
 _FFN_KEYS = ("intermediate_size", "hidden_dim", "n_inner", "ffn_dim")
@@ -53,14 +53,6 @@ _SDPA = (
     torch.nn.functional.scaled_dot_product_attention,
     torch._C._nn.scaled_dot_product_attention,
 )
-
-
-def remember_origin(model: Any, gm: fx.GraphModule) -> None:
-    """Record in ``gm.meta`` the transformers class and configuration of ``model`` (nothing
-    for other models)."""
-    config: Any = getattr(model, "config", None)
-    if hasattr(model, "save_pretrained") and hasattr(config, "to_dict"):
-        gm.meta[HF_ORIGIN] = {"class": type(model).__name__, "config": config.to_dict()}
 
 
 def check_hf(gm: fx.GraphModule) -> None:

@@ -197,9 +197,8 @@ class GraphIR:
         the example inputs to ``forward``'s arguments by name (e.g. ``input_ids``,
         ``attention_mask``); arguments with defaults that get no input are not inputs.
         """
-        from .capture import CAPTURE, CAPTURE_MODES
+        from .capture import CAPTURE, CAPTURE_MODES, remember_origin
         from .capture import capture as run_capture
-        from .hfformat import remember_origin
 
         if capture not in CAPTURE_MODES:
             raise GraphoptError(
