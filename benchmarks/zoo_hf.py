@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import tempfile
 import time
 import warnings
@@ -186,8 +187,20 @@ def _update_heads(model: nn.Module, pruner: Any) -> None:
             m.num_key_value_groups = heads // kv
 
 
-def run_torch_pruning(family: str, row: Row) -> None:
+class _TooLong(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise _TooLong
+
+
+def run_torch_pruning(family: str, row: Row, limit: float) -> None:
+    """Prune with Torch-Pruning, giving up after ``limit`` seconds (its dependency search
+    can run for tens of minutes on a two-layer Llama)."""
     start = time.perf_counter()
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, limit)
     try:
         import torch_pruning as tp
 
@@ -209,8 +222,13 @@ def run_torch_pruning(family: str, row: Row) -> None:
             model(**kwargs)
         after = graphopt.GraphIR.trace(model, inputs, input_names=names).total_macs()
         row.tp_macs = after / max(before, 1)
+    except _TooLong:
+        row.tp_failure = f"gave up after {limit:.0f} s (still building its groups)"
     except Exception as exc:
         row.tp_failure = _short(exc)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
     row.tp_seconds = time.perf_counter() - start
 
 
@@ -267,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--no-torch-pruning", action="store_true", help="graphopt only")
+    parser.add_argument(
+        "--tp-limit", type=float, default=300, help="seconds Torch-Pruning gets per model"
+    )
     args = parser.parse_args(argv)
     formats = tuple(args.formats)
     torch.manual_seed(0)
@@ -280,8 +301,9 @@ def main(argv: list[str] | None = None) -> None:
             console.print(f"[dim]{family}…[/dim]")
             row = run_graphopt(family, formats, Path(tmp))
             if not args.no_torch_pruning:
-                run_torch_pruning(family, row)
+                run_torch_pruning(family, row, args.tp_limit)
             rows.append(row)
+            console.print(table([row], formats))
     console.print(table(rows, formats))
     for line in totals(rows, formats):
         console.print(line)
