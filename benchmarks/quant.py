@@ -18,8 +18,13 @@ Parts (``--part NAME``, several allowed; default all):
   (``min_sqnr=0``) and fp32, and the time the search took.
 * ``token``: token models (integer ids into an embedding): graphopt's default (dynamic int8)
   and its variants against ``torch.ao.quantization.quantize_dynamic``; weight-only int8/int4
-  size and speed. Rows come from :data:`TOKEN_MODELS`; add a builder there for another
-  model (Hugging Face BERT/GPT-2 once ``hf:`` loading lands).
+  size and speed. Rows come from :data:`TOKEN_MODELS` (models built from torch modules;
+  Hugging Face models are ``--part hf``).
+* ``hf``: Hugging Face BERT and GPT-2 (``hf:`` sources, small configurations): plain
+  ``quant`` (dynamic int8) against ``torch.ao.quantization.quantize_dynamic`` on the same
+  module (as is, and with GPT-2's ``Conv1D`` made ``nn.Linear`` so that it quantizes them
+  too); BERT's int8 ``.onnx`` against onnxruntime's quantizers on the same fp32 export; and
+  weight-only int8/int4 on a Llama decoder (one token, a 16-token prompt).
 * ``digits``: accuracy on real data (scikit-learn's digits) of the float CNN, ``quant``,
   and ``quant(max_drop=…)``.
 * ``sqnr``: output SQNR and artifact size of plain ``quant`` across five torchvision models.
@@ -439,7 +444,7 @@ class TokenModel:
     length: int
 
 
-#: rows of ``--part token``: add HF BERT/GPT-2 builders here when ``hf:`` loading lands
+#: rows of ``--part token`` (torch-built token models; Hugging Face ones: ``--part hf``)
 TOKEN_MODELS = [
     TokenModel(
         "encoder d256×4 (classifier)",
@@ -726,6 +731,54 @@ def part_hf_onnx(models: list[str], repeat: int, tmp: str) -> None:
     )
 
 
+#: the decoder of the weight-only table of ``--part hf`` (a Llama of 0.11 B parameters)
+HF_DECODER = (
+    "hf:llama?num_hidden_layers=4&hidden_size=1024&intermediate_size=2816&"
+    "num_attention_heads=16&num_key_value_heads=4&vocab_size=32000"
+)
+
+
+def part_hf_decode(spec: str, repeat: int, tmp: str) -> None:
+    """Weight-only int8/int4 on a Hugging Face decoder, one token and a short prompt, against
+    fp32, graphopt's dynamic int8 and ``torch.ao``'s ``quantize_dynamic``."""
+    from torch.ao.quantization import quantize_dynamic
+
+    print("\n## Hugging Face decoder: weight-only int8/int4 vs dynamic int8, batch 1")
+    print(
+        f"{'model':14} {'tokens':>6} {'variant':40} {'ms':>7} {'vs fp32':>7} {'vs ao':>6} "
+        f"{'SQNR dB':>8} {'MB':>7}"
+    )
+    variants = {
+        "graphopt quant (dynamic int8)": "quant",
+        "graphopt weight_only int8": "quant(mode=weight_only)",
+        "graphopt weight_only int4 g128": "quant(mode=weight_only,bits=4)",
+        "graphopt weight_only int4 g128 (no target)": "quant(mode=weight_only,bits=4,min_sqnr=0)",
+    }
+    for length in (1, 16):
+        hf = hf_model(spec, length)
+        with torch.no_grad():
+            ref = torch.cat([hf.call(hf.module)(*b) for b in hf.test])
+        runs: dict[str, Any] = {"fp32": hf.module}
+        paths = {"fp32": os.path.join(tmp, "dec_fp32.pt")}
+        torch.save(hf.module.state_dict(), paths["fp32"])
+        for label, pipe in variants.items():
+            paths[label] = os.path.join(tmp, f"dec_{len(paths)}.pt")
+            runs[label] = graphopt.optimize(hf.trace(), pipe, output=paths[label]).ir.gm
+        ao = quantize_dynamic(copy.deepcopy(hf.module), {nn.Linear}, dtype=torch.qint8)
+        runs["torch.ao quantize_dynamic"] = ao
+        paths["torch.ao quantize_dynamic"] = os.path.join(tmp, "dec_ao.pt")
+        torch.save(ao.state_dict(), paths["torch.ao quantize_dynamic"])
+        t = interleaved({k: no_grad(hf.call(m), *hf.example) for k, m in runs.items()}, repeat)
+        ao_t = t["torch.ao quantize_dynamic"]
+        for k, model in runs.items():
+            print(
+                f"{'llama 4×1024':14} {length:6} {k:40} {t[k] * 1e3:7.2f} "
+                f"{t['fp32'] / t[k]:7.2f} {ao_t / t[k]:6.2f} {_hf_sqnr(hf, model, ref):8.1f} "
+                f"{file_size(paths[k]) / 1e6:7.1f}"
+            )
+    print(f"{spec}; SQNR of the logits on 8 held-out random prompts")
+
+
 # -- part digits ---------------------------------------------------------------------------------
 
 
@@ -851,6 +904,7 @@ def main() -> None:
             elif part == "hf":
                 part_hf(args.models or HF_MODELS, args.repeat, tmp)
                 part_hf_onnx(args.models or HF_ONNX_MODELS, args.repeat, tmp)
+                part_hf_decode(HF_DECODER, args.repeat, tmp)
             elif part == "digits":
                 part_digits()
             else:
