@@ -9,12 +9,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from graphopt.passes.quant import quant_report, sqnr_db
+from graphopt.passes.quant.expand import linear_modules
 from torch import nn
 
 import graphopt
 from graphopt.loading import example_inputs, load_model
-from graphopt.passes.quant import quant_report, sqnr_db
-from graphopt.passes.quant.expand import linear_modules
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,7 +83,9 @@ def test_gpt2_conv1d_quantized(loaded):
     result = graphopt.optimize(ir, "quant(min_sqnr=0)")
     gm = result.ir.gm
     assert not [n for n in gm.graph.nodes if n.target is torch.addmm]
-    dynamic = [m for m in gm.modules() if type(m).__module__.endswith("quantized.dynamic.modules.linear")]
+    dynamic = [
+        m for m in gm.modules() if type(m).__module__.endswith("quantized.dynamic.modules.linear")
+    ]
     # per block: c_attn, attention c_proj, c_fc, MLP c_proj; and the LM head
     assert len(dynamic) == 2 * 4 + 1
     assert any("Linear-like" in note for note in result.ledger[-1].notes)
