@@ -18,8 +18,13 @@ Parts (``--part NAME``, several allowed; default all):
   (``min_sqnr=0``) and fp32, and the time the search took.
 * ``token``: token models (integer ids into an embedding): graphopt's default (dynamic int8)
   and its variants against ``torch.ao.quantization.quantize_dynamic``; weight-only int8/int4
-  size and speed. Rows come from :data:`TOKEN_MODELS`; add a builder there for another
-  model (Hugging Face BERT/GPT-2 once ``hf:`` loading lands).
+  size and speed. Rows come from :data:`TOKEN_MODELS` (models built from torch modules;
+  Hugging Face models are ``--part hf``).
+* ``hf``: Hugging Face BERT and GPT-2 (``hf:`` sources, small configurations): plain
+  ``quant`` (dynamic int8) against ``torch.ao.quantization.quantize_dynamic`` on the same
+  module (as is, and with GPT-2's ``Conv1D`` made ``nn.Linear`` so that it quantizes them
+  too); BERT's int8 ``.onnx`` against onnxruntime's quantizers on the same fp32 export; and
+  weight-only int8/int4 on a Llama decoder (one token, a 16-token prompt).
 * ``digits``: accuracy on real data (scikit-learn's digits) of the float CNN, ``quant``,
   and ``quant(max_drop=…)``.
 * ``sqnr``: output SQNR and artifact size of plain ``quant`` across five torchvision models.
@@ -439,7 +444,7 @@ class TokenModel:
     length: int
 
 
-#: rows of ``--part token``: add HF BERT/GPT-2 builders here when ``hf:`` loading lands
+#: rows of ``--part token`` (torch-built token models; Hugging Face ones: ``--part hf``)
 TOKEN_MODELS = [
     TokenModel(
         "encoder d256×4 (classifier)",
@@ -519,6 +524,259 @@ def part_token(repeat: int, tmp: str) -> None:
         "fp32 timed with torch's fast path off (quantize_dynamic breaks it); 'vs X' = X time / "
         "this time; float = Linears kept in float by the target (default 25 dB)"
     )
+
+
+# -- part hf -------------------------------------------------------------------------------------
+
+#: the Hugging Face models of ``--part hf`` (``hf:`` sources: random weights, small configs)
+HF_MODELS = ["hf:bert?num_hidden_layers=4", "hf:gpt2?n_layer=2"]
+
+
+@dataclass
+class HFModel:
+    """A Hugging Face model as graphopt loads it, with token batches to run it on."""
+
+    spec: str
+    module: nn.Module
+    names: list[str]
+    example: tuple[torch.Tensor, ...]
+    calib: list[tuple[torch.Tensor, ...]]  # 4 batches of 1 sequence (calibration, the target)
+    test: list[tuple[torch.Tensor, ...]]  # 8 held-out sequences (SQNR)
+
+    def trace(self) -> graphopt.GraphIR:
+        return graphopt.GraphIR.trace(
+            self.module, self.example, source=self.spec, input_names=self.names
+        )
+
+    def call(self, model: Any) -> Callable[..., torch.Tensor]:
+        """``model`` (the HF module, torch.ao's copy or a graphopt GraphModule) as a function
+        of the positional token inputs returning the logits."""
+
+        def run(*inputs: torch.Tensor) -> torch.Tensor:
+            if isinstance(model, torch.fx.GraphModule):
+                out = model(*inputs)
+            else:
+                out = model(**dict(zip(self.names, inputs, strict=True)))
+            return logits(out)
+
+        return run
+
+
+def logits(out: Any) -> torch.Tensor:
+    """The first tensor of a model's output (the logits of an HF output or tuple)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        out = list(out.values())
+    return logits(out[0])
+
+
+def hf_model(spec: str, length: int = 128) -> HFModel:
+    from graphopt.loading import load_model
+
+    loaded = load_model(spec)
+    module = loaded.module.eval()
+    names = list(loaded.input_names or ["input_ids"])
+    vocab = int(module.config.vocab_size)
+    gen = torch.Generator().manual_seed(2)
+
+    def batch() -> tuple[torch.Tensor, ...]:
+        ids = torch.randint(0, vocab, (1, length), generator=gen)
+        extra = [torch.ones(1, length, dtype=torch.long) for _ in names[1:]]  # attention mask
+        return (ids, *extra)
+
+    return HFModel(spec, module, names, batch(), [batch() for _ in range(4)],
+                   [batch() for _ in range(8)])  # fmt: skip
+
+
+def _hf_sqnr(hf: HFModel, model: Any, ref: torch.Tensor) -> float:
+    run = hf.call(model)
+    with torch.no_grad():
+        return sqnr_db(ref, torch.cat([run(*b) for b in hf.test]))
+
+
+def part_hf(models: list[str], repeat: int, tmp: str) -> None:
+    """graphopt's plain ``quant`` (dynamic int8 for token models) against
+    ``torch.ao.quantization.quantize_dynamic`` on the same Hugging Face module."""
+    from graphopt.passes.quant.expand import linear_modules
+    from torch.ao.quantization import quantize_dynamic
+
+    print("\n## Hugging Face token models: graphopt quant vs torch.ao quantize_dynamic, 128 tokens")
+    print(
+        f"{'model':30} {'variant':38} {'ms':>7} {'vs fp32':>7} {'vs ao':>6} {'SQNR dB':>8} "
+        f"{'MB':>6} {'int8 Linears':>12}"
+    )
+    for spec in models:
+        hf = hf_model(spec)
+        with torch.no_grad():
+            ref = torch.cat([hf.call(hf.module)(*b) for b in hf.test])
+        runs: dict[str, Any] = {"fp32": hf.module}
+        paths = {"fp32": os.path.join(tmp, "hf_fp32.pt")}
+        torch.save(hf.module.state_dict(), paths["fp32"])
+        count: dict[str, int] = {}
+        for label, pipe in (
+            ("graphopt quant", "quant"),
+            ("graphopt quant(reduce_range=false)", "quant(reduce_range=false)"),
+        ):
+            paths[label] = os.path.join(tmp, f"hf_{len(paths)}.pt")
+            res = graphopt.optimize(hf.trace(), pipe, output=paths[label])
+            report = quant_report(res.ir.gm)
+            runs[label], count[label] = res.ir.gm, len(report.quantized) if report else 0
+        ao = quantize_dynamic(copy.deepcopy(hf.module), {nn.Linear}, dtype=torch.qint8)
+        runs["torch.ao quantize_dynamic"] = ao
+        linear_like = copy.deepcopy(hf.module)
+        if linear_modules(linear_like):  # GPT-2's Conv1D: torch.ao leaves it float
+            label = "torch.ao after Conv1D → Linear"
+            runs[label] = quantize_dynamic(linear_like, {nn.Linear}, dtype=torch.qint8)
+        for label, model in runs.items():
+            if label.startswith("torch.ao"):
+                paths[label] = os.path.join(tmp, f"hf_{len(paths)}.pt")
+                torch.save(model.state_dict(), paths[label])
+                count[label] = sum(
+                    type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")
+                    for m in model.modules()
+                )
+        x = hf.example
+        t = interleaved({k: no_grad(hf.call(m), *x) for k, m in runs.items()}, repeat)
+        ao_t = t["torch.ao quantize_dynamic"]
+        for k, model in runs.items():
+            print(
+                f"{spec:30} {k:38} {t[k] * 1e3:7.2f} {t['fp32'] / t[k]:7.2f} {ao_t / t[k]:6.2f} "
+                f"{_hf_sqnr(hf, model, ref):8.1f} {file_size(paths[k]) / 1e6:6.1f} "
+                f"{count.get(k, '')!s:>12}"
+            )
+    print(
+        "'vs X' = X time / this time (higher is faster); SQNR of the logits on 8 held-out "
+        "random sequences; MB: the .pt artifact (torch.ao: its state_dict)"
+    )
+
+
+def _feeds(session: Any, inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    return {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs, strict=True)}
+
+
+def ort_quantized_tokens(fp32_path: str, calib: list, tmp: str) -> dict[str, str]:
+    """onnxruntime's dynamic and static (QDQ, per-channel, MinMax) quantization of a token
+    model's fp32 export, after its recommended pre-processing."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    session = _session(fp32_path)
+    paths = {k: os.path.join(tmp, f"hf_{k.replace(' ', '_')}.onnx") for k in ORT_VARIANTS}
+    prepared = os.path.join(tmp, "hf_prepared.onnx")
+    quant_pre_process(fp32_path, prepared)
+    quantize_dynamic(prepared, paths["ort dynamic"], weight_type=QuantType.QInt8)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([_feeds(session, b) for b in calib])
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.items, None)
+
+    quantize_static(
+        prepared, paths["ort static"], Reader(), quant_format=QuantFormat.QDQ, per_channel=True
+    )
+    return paths
+
+
+ORT_VARIANTS = ("ort dynamic", "ort static")
+#: the Hugging Face models of the ONNX table of ``--part hf``
+HF_ONNX_MODELS = ["hf:bert?num_hidden_layers=4"]
+
+
+def part_hf_onnx(models: list[str], repeat: int, tmp: str) -> None:
+    """graphopt's int8 ``.onnx`` of a Hugging Face token model (plain ``quant``: static QDQ,
+    calibrated on the same batches) against onnxruntime's quantizers on the same export."""
+    print("\n## Hugging Face token models in onnxruntime: graphopt quant → .onnx vs onnxruntime's")
+    print("   quantize_dynamic and quantize_static (QDQ) on the same fp32 export; 128 tokens")
+    print(f"{'model':30} {'variant':30} {'ms':>7} {'vs fp32':>7} {'vs best ort':>11} "
+          f"{'SQNR dB':>8} {'MB':>6}")  # fmt: skip
+    for spec in models:
+        hf = hf_model(spec)
+        with torch.no_grad():
+            ref = torch.cat([hf.call(hf.module)(*b) for b in hf.test])
+        paths = {"fp32": os.path.join(tmp, "hf_fp32.onnx")}
+        graphopt.optimize(hf.trace(), "cleanup", output=paths["fp32"])
+        paths.update(ort_quantized_tokens(paths["fp32"], hf.calib, tmp))
+        for label, pipe in (
+            ("graphopt quant", "quant"),
+            ("graphopt quant(reduce_range=false)", "quant(reduce_range=false)"),
+        ):
+            paths[label] = os.path.join(tmp, f"hf_go_{len(paths)}.onnx")
+            graphopt.optimize(hf.trace(), pipe, data=hf.calib, output=paths[label])
+        sessions = {k: _session(p) for k, p in paths.items()}
+        feeds = {k: _feeds(s, hf.example) for k, s in sessions.items()}
+        t = interleaved({k: partial(s.run, None, feeds[k]) for k, s in sessions.items()}, repeat)
+        best_ort = min(t[k] for k in ORT_VARIANTS)
+        for k, s in sessions.items():
+            got = torch.cat([torch.from_numpy(s.run(None, _feeds(s, b))[0]) for b in hf.test])
+            print(
+                f"{spec:30} {k:30} {t[k] * 1e3:7.2f} {t['fp32'] / t[k]:7.2f} "
+                f"{best_ort / t[k]:11.2f} {sqnr_db(ref, got):8.1f} "
+                f"{file_size(paths[k]) / 1e6:6.1f}"
+            )
+    print(
+        "calibration (graphopt and ort static): the same 4 random sequences; SQNR of the "
+        "logits against PyTorch fp32 on 8 held-out ones; 'vs best ort' = the faster "
+        "onnxruntime quantizer's time / this time"
+    )
+
+
+#: the decoder of the weight-only table of ``--part hf`` (a Llama of 0.11 B parameters)
+HF_DECODER = (
+    "hf:llama?num_hidden_layers=4&hidden_size=1024&intermediate_size=2816&"
+    "num_attention_heads=16&num_key_value_heads=4&vocab_size=32000"
+)
+
+
+def part_hf_decode(spec: str, repeat: int, tmp: str) -> None:
+    """Weight-only int8/int4 on a Hugging Face decoder, one token and a short prompt, against
+    fp32, graphopt's dynamic int8 and ``torch.ao``'s ``quantize_dynamic``."""
+    from torch.ao.quantization import quantize_dynamic
+
+    print("\n## Hugging Face decoder: weight-only int8/int4 vs dynamic int8, batch 1")
+    print(
+        f"{'model':14} {'tokens':>6} {'variant':40} {'ms':>7} {'vs fp32':>7} {'vs ao':>6} "
+        f"{'SQNR dB':>8} {'MB':>7}"
+    )
+    variants = {
+        "graphopt quant (dynamic int8)": "quant",
+        "graphopt weight_only int8": "quant(mode=weight_only)",
+        "graphopt weight_only int4 g128": "quant(mode=weight_only,bits=4)",
+        "graphopt weight_only int4 g128 (no target)": "quant(mode=weight_only,bits=4,min_sqnr=0)",
+    }
+    for length in (1, 16):
+        hf = hf_model(spec, length)
+        with torch.no_grad():
+            ref = torch.cat([hf.call(hf.module)(*b) for b in hf.test])
+        runs: dict[str, Any] = {"fp32": hf.module}
+        paths = {"fp32": os.path.join(tmp, "dec_fp32.pt")}
+        torch.save(hf.module.state_dict(), paths["fp32"])
+        for label, pipe in variants.items():
+            paths[label] = os.path.join(tmp, f"dec_{len(paths)}.pt")
+            runs[label] = graphopt.optimize(hf.trace(), pipe, output=paths[label]).ir.gm
+        ao = quantize_dynamic(copy.deepcopy(hf.module), {nn.Linear}, dtype=torch.qint8)
+        runs["torch.ao quantize_dynamic"] = ao
+        paths["torch.ao quantize_dynamic"] = os.path.join(tmp, "dec_ao.pt")
+        torch.save(ao.state_dict(), paths["torch.ao quantize_dynamic"])
+        t = interleaved({k: no_grad(hf.call(m), *hf.example) for k, m in runs.items()}, repeat)
+        ao_t = t["torch.ao quantize_dynamic"]
+        for k, model in runs.items():
+            print(
+                f"{'llama 4×1024':14} {length:6} {k:40} {t[k] * 1e3:7.2f} "
+                f"{t['fp32'] / t[k]:7.2f} {ao_t / t[k]:6.2f} {_hf_sqnr(hf, model, ref):8.1f} "
+                f"{file_size(paths[k]) / 1e6:7.1f}"
+            )
+    print(f"{spec}; SQNR of the logits on 8 held-out random prompts")
 
 
 # -- part digits ---------------------------------------------------------------------------------
@@ -602,7 +860,7 @@ def cpu_name() -> str:
     return f"{name}, {'VNNI: ' + ' '.join(vnni) if vnni else 'no VNNI'}"
 
 
-PARTS = ("torch", "vit", "onnx", "target", "token", "digits", "sqnr")
+PARTS = ("torch", "vit", "onnx", "target", "token", "hf", "digits", "sqnr")
 
 
 def main() -> None:
@@ -643,6 +901,10 @@ def main() -> None:
                 part_target(args.models or five, args.min_sqnr, args.repeat)
             elif part == "token":
                 part_token(args.repeat, tmp)
+            elif part == "hf":
+                part_hf(args.models or HF_MODELS, args.repeat, tmp)
+                part_hf_onnx(args.models or HF_ONNX_MODELS, args.repeat, tmp)
+                part_hf_decode(HF_DECODER, args.repeat, tmp)
             elif part == "digits":
                 part_digits()
             else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
@@ -275,6 +276,12 @@ def write_onnx(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: dic
     ``onnx.checker``."""
     import onnx
 
+    # onnxscript's constant folder logs the ops it declines to fold ("Evaluation failed:
+    # cannot reshape …", on index arithmetic of token models) as warnings: not the user's
+    # concern, kept off the console
+    quiet = logging.getLogger("onnxscript")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         program = torch.onnx.export(_strip(gm), inputs, dynamo=True, verbose=False)
         assert program is not None
@@ -284,6 +291,8 @@ def write_onnx(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: dic
             f"the model cannot be exported to ONNX ({first_line(exc)}); choose another output "
             "format (-o model.pt2, model.pt or a directory)"
         ) from None
+    finally:
+        quiet.setLevel(level)
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_NAME, json.dumps(meta)
     onnx.save(model, path)

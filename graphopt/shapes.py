@@ -12,6 +12,7 @@ analyses.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import GraphoptError, first_line
@@ -107,6 +109,7 @@ _SHAPE_MACS: dict[type, Callable[[Any, torch.Tensor], int]] = {
     nn.Conv2d: _conv_macs,
     nn.Conv3d: _conv_macs,
     nn.Linear: _linear_macs,
+    DynamicLinear: _linear_macs,
 }
 
 
@@ -152,15 +155,19 @@ def _keep_shape(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int] 
 
 
 def _linear_shape(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    assert isinstance(module, nn.Linear)
-    if x.dim() == 0 or x.dtype != module.weight.dtype:
+    """A Linear's output from its input's shape; also torch's dynamic int8 Linear, whose
+    packed weights cannot enter fake-tensor mode (float in, float out, the same MACs)."""
+    assert isinstance(module, nn.Linear | DynamicLinear)
+    weight: Any = module.weight
+    dtype = torch.float32 if callable(weight) else weight.dtype  # dynamic: weight() unpacks
+    if x.dim() == 0 or x.dtype != dtype:
         return None  # mixed dtypes: the real op decides
     if x.shape[-1] != module.in_features:
         raise RuntimeError(
             f"mat1 and mat2 shapes cannot be multiplied ({x.shape[-1]} features into a "
             f"Linear of {module.in_features})"
         )
-    out = x.new_empty((*x.shape[:-1], module.out_features))
+    out = x.new_empty((*x.shape[:-1], int(module.out_features)))
     return out, _linear_macs(module, out)
 
 
@@ -208,10 +215,28 @@ _SHAPE_RULES: dict[type, Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor,
         _keep_shape,
     ),
     nn.Linear: _linear_shape,
+    DynamicLinear: _linear_shape,
     nn.Conv1d: _conv_shape,
     nn.Conv2d: _conv_shape,
     nn.Conv3d: _conv_shape,
 }  # fmt: skip
+
+
+def _linear_dynamic_shape(
+    x: torch.Tensor, packed: Any, *args: Any, **kwargs: Any
+) -> tuple[torch.Tensor, int]:
+    """``quantized::linear_dynamic`` (float in, float out) from the packed weight's rows."""
+    with unset_fake_temporarily():  # the real packed weight, not a fake of it
+        out_features = int(packed.unpack()[0].shape[0])
+    out = x.new_empty((*x.shape[:-1], out_features))
+    return out, x.numel() * out_features
+
+
+#: functions of packed weights (TorchScript objects, which fake-tensor mode cannot take): the
+#: output and MACs from the input's shape and the packed weight's
+_PACKED_RULES: dict[Any, Callable[..., tuple[torch.Tensor, int]]] = {
+    torch.ops.quantized.linear_dynamic.default: _linear_dynamic_shape,
+}
 
 
 class _FakeCostInterpreter(fx.Interpreter):
@@ -234,6 +259,13 @@ class _FakeCostInterpreter(fx.Interpreter):
                 result, self.ruled_macs = ruled
                 return result
         return super().call_module(target, args, kwargs)
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        rule = _PACKED_RULES.get(target)
+        if rule is not None:
+            result, self.ruled_macs = rule(*args, **kwargs)
+            return result
+        return super().call_function(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()
@@ -284,11 +316,40 @@ def _fused_encoder_layer_flops(src: Any, *args: Any, **kwargs: Any) -> int:
     return 2 * (_attention_macs(src, src) + ffn)
 
 
-#: FLOP formulas for fused ops torch's counter does not know (the fast paths that
-#: nn.MultiheadAttention and nn.TransformerEncoderLayer take in eval mode without grad)
+def _cpu_attention_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
+    # aten._scaled_dot_product_flash_attention_for_cpu, what F.scaled_dot_product_attention
+    # runs on CPU: batch × heads × L × S × (E for Q·Kᵀ + Ev for attention·V)
+    *lead, length, embed = query
+    source, value_embed = key[-2], value[-1]
+    return 2 * math.prod(lead) * length * source * (embed + value_embed)
+
+
+def _int_mm_flops(a: Any, b: Any, *args: Any, **kwargs: Any) -> int:
+    # aten._int_mm: int8 (M × K) @ (K × N) into int32
+    return 2 * a[0] * a[1] * b[1]
+
+
+def _int8pack_mm_flops(x: Any, weight: Any, *args: Any, **kwargs: Any) -> int:
+    # aten._weight_int8pack_mm: x (M × K) @ int8 weight (N × K)ᵀ
+    return 2 * x[0] * x[1] * weight[0]
+
+
+def _int4pack_mm_flops(x: Any, weight: Any, group: Any, scale_zero: Any, **kwargs: Any) -> int:
+    # aten._weight_int4pack_mm_for_cpu: x (M × K), packed int4 weight, per-group scales and
+    # zeros shaped K/group × N × 2
+    return 2 * x[0] * x[1] * scale_zero[1]
+
+
+#: FLOP formulas for ops torch's counter does not know: the fast paths that
+#: nn.MultiheadAttention and nn.TransformerEncoderLayer take in eval mode without grad, the
+#: CPU attention kernel, and the int8/int4 matrix products of quantized Linears
 FUSED_FLOPS = {
     torch.ops.aten._native_multi_head_attention: _fused_mha_flops,
     torch.ops.aten._transformer_encoder_layer_fwd: _fused_encoder_layer_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._int_mm: _int_mm_flops,
+    torch.ops.aten._weight_int8pack_mm: _int8pack_mm_flops,
+    torch.ops.aten._weight_int4pack_mm_for_cpu: _int4pack_mm_flops,
 }
 
 

@@ -34,7 +34,7 @@ import inspect
 import math
 import operator
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +47,7 @@ from graphopt import GraphIR, GraphoptError
 from graphopt.idioms import linear_from_conv1d
 from graphopt.ir import ORIGIN
 
-__all__ = ["Expansion", "expand_composites", "plain_linears"]
+__all__ = ["Expansion", "as_linear", "expand_composites", "linear_modules", "plain_linears"]
 
 
 @dataclass
@@ -492,7 +492,7 @@ def expand_composites(ir: GraphIR) -> Expansion:
     return done
 
 
-def _as_linear(module: nn.Module) -> nn.Linear | None:
+def as_linear(module: nn.Module) -> nn.Linear | None:
     """A plain ``nn.Linear`` computing what ``module`` computes, if it is Linear-like: a
     subclass of ``nn.Linear`` that keeps its forward (``NonDynamicallyQuantizableLinear``),
     or Hugging Face's ``Conv1D`` (``x @ W + b`` with ``W`` stored input-major)."""
@@ -539,17 +539,32 @@ def _functional_linear(ir: GraphIR, node: fx.Node) -> tuple[Any, nn.Linear] | No
     return None
 
 
+def linear_modules(root: nn.Module, paths: Collection[str] | None = None) -> list[str]:
+    """Replace, in place, every Linear-like submodule of ``root`` (or those of ``paths``) by
+    the plain ``nn.Linear`` computing the same (see :func:`as_linear`): Hugging Face's GPT-2
+    ``Conv1D`` among them, so that any int8 Linear kernel, graphopt's or
+    ``torch.ao.quantization.quantize_dynamic``'s, takes them. Returns the paths replaced.
+
+    >>> from transformers.pytorch_utils import Conv1D
+    >>> model = torch.nn.Sequential(Conv1D(8, 4))
+    >>> linear_modules(model), type(model[0]).__name__
+    (['0'], 'Linear')
+    """
+    done = []
+    for path, module in list(root.named_modules()):
+        linear = as_linear(module) if paths is None or path in paths else None
+        if linear is not None:
+            _set_module(root, path, linear)
+            done.append(path)
+    return done
+
+
 def plain_linears(ir: GraphIR) -> int:
     """Make every Linear-like computation a call of a plain ``nn.Linear``: Linear-like
-    modules (see :func:`_as_linear`) and functional linears on stored weights (see
+    modules (see :func:`as_linear`) and functional linears on stored weights (see
     :func:`_functional_linear`). Exact: the same weights, the same op. Returns how many."""
-    done = 0
-    for path, module in list(ir.gm.named_modules()):
-        calls = [n for n in ir.graph.nodes if n.op == "call_module" and n.target == path]
-        linear = _as_linear(module) if calls else None
-        if linear is not None:
-            _set_module(ir.gm, path, linear)
-            done += 1
+    called = {str(n.target) for n in ir.graph.nodes if n.op == "call_module"}
+    done = len(linear_modules(ir.gm, called))
     for node in list(ir.graph.nodes):
         found = _functional_linear(ir, node)
         if found is None:

@@ -104,8 +104,16 @@ def _qweight(layer: nn.Linear, per_channel: bool) -> torch.Tensor:
         return torch.quantize_per_tensor(codes.float() * scales, float(scales), 0, torch.qint8)
 
 
-def dynamic_int8(ir: GraphIR, skip: Callable[[fx.Node], bool], *, per_channel: bool) -> list[str]:
-    """Replace Linear and LSTM modules by torch's dynamic int8 kernels; return their names."""
+def dynamic_int8(
+    ir: GraphIR, skip: Callable[[fx.Node], bool], *, per_channel: bool, reduce_range: bool = True
+) -> list[str]:
+    """Replace Linear and LSTM modules by torch's dynamic int8 kernels; return their names.
+
+    With ``reduce_range`` (torch's dynamic ``Linear`` module always asks for it) activations
+    are quantized to 7 bits; without it, each Linear becomes a call of
+    ``quantized::linear_dynamic`` with 8-bit activations on its packed weights (about 4.5 dB
+    more accurate, the same speed; only for CPUs with VNNI, where the int8 products
+    accumulate in int32 without saturating)."""
     import torch.ao.nn.quantized.dynamic as nnqd
 
     done = []
@@ -115,6 +123,14 @@ def dynamic_int8(ir: GraphIR, skip: Callable[[fx.Node], bool], *, per_channel: b
             continue
         m: Any = ir.module(node)
         q: Any
+        if type(m) is nn.Linear and not reduce_range:
+            bias = m.bias.detach().float() if m.bias is not None else None
+            f = _Emit(ir, node)
+            packed = f.packed(torch.ops.quantized.linear_prepack(_qweight(m, per_channel), bias))
+            y = f.fn(torch.ops.quantized.linear_dynamic.default, node.args[0], packed, False)
+            ir.replace(node, y)
+            done.append(node.name)
+            continue
         if type(m) is nn.Linear:
             q = nnqd.Linear(m.in_features, m.out_features, bias_=m.bias is not None)
             bias = m.bias.detach().float() if m.bias is not None else None
@@ -163,6 +179,14 @@ class _Emit:
         name = free_name(self.ir.gm, f"{self.base}_{suffix}")
         self.ir.gm.register_buffer(name, value)
         return self("get_attr", name)
+
+    def packed(self, value: Any) -> fx.Node:
+        """A read of packed weights (a TorchScript object, which pickles with the model)."""
+        name = free_name(self.ir.gm, f"{self.base}_packed")
+        setattr(self.ir.gm, name, value)
+        with warnings.catch_warnings():  # fx does not count a TorchScript object as one
+            warnings.simplefilter("ignore", UserWarning)
+            return self("get_attr", name)
 
     def rows(self, x: Any, k: int) -> tuple[fx.Node, fx.Node]:
         """``x`` as a matrix of rows of ``k`` inputs, and the shape to give the result."""

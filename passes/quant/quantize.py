@@ -109,7 +109,9 @@ class Quant(graphopt.Pass):
         symmetric: bool = graphopt.option(False, "symmetric activations (zero point in the middle)")
         per_channel: bool = graphopt.option(True, "one weight scale per output channel")
         reduce_range: bool = graphopt.option(
-            True, "7-bit activations, so int8 kernels on CPUs without VNNI cannot overflow"
+            True,
+            "7-bit activations (static and dynamic), so int8 kernels on CPUs without VNNI "
+            "cannot overflow; false: 8-bit, more accurate, for VNNI/AMX CPUs",
         )
         onnx_int8: bool = graphopt.option(
             False, "form=qdq: signed int8 activations instead of uint8 (S8S8 in onnxruntime)"
@@ -231,8 +233,7 @@ class Quant(graphopt.Pass):
             rounding = Rounding("bf16", bits=opts.bits, group_size=opts.group_size)
         else:
             inputs = "per_row" if form == "aten" else "dynamic"
-            # torch's dynamic Linear always asks fbgemm for 7-bit activations
-            rounding = Rounding(inputs, (0, 127), per_channel=opts.per_channel)
+            rounding = Rounding(inputs, self._qrange(), per_channel=opts.per_channel)
         sim = Simulator(ir.gm, plan, {}, rounding)
         outcome = meet_target(ir, plan, sim, batches, target)
         report_target(target, outcome, plan, report, ctx, warn_below=WARN_BELOW_SQNR)
@@ -404,8 +405,10 @@ class Quant(graphopt.Pass):
         elif form == "aten":
             done, kind = dynamic_aten(ir, skip), "dynamic, per-row int8 (aten)"
         else:
-            done = dynamic_int8(ir, skip, per_channel=opts.per_channel)
-            kind = "dynamic"
+            done = dynamic_int8(
+                ir, skip, per_channel=opts.per_channel, reduce_range=opts.reduce_range
+            )
+            kind = "dynamic" if opts.reduce_range else "dynamic, 8-bit activations"
         if not done:
             raise GraphoptError(
                 f"quant(mode={mode}) found no Linear{' or LSTM' if form == 'int8' else ''} "
