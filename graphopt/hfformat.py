@@ -41,9 +41,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .capture import HF_ORIGIN, remember_origin
 from .errors import GraphoptError, first_line
-from .extensions import Exporter
 
-__all__ = ["HF_EXPORTER", "HF_ORIGIN", "remember_origin"]
+__all__ = ["HF_ORIGIN", "check_hf", "load_hf", "read_hf_metadata", "remember_origin", "write_hf"]
 
 #: ``GraphModule.meta`` key: the transformers class name and configuration it was captured from
 METADATA_NAME = "graphopt.json"
@@ -214,7 +213,8 @@ def _quiet() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _write_hf(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: dict) -> None:
+def write_hf(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: dict) -> None:
+    """Write ``gm`` as a ``save_pretrained`` folder at ``path`` (see the module docstring)."""
     model = _rebuild(gm, inputs)
     names = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
     with _quiet():
@@ -223,7 +223,7 @@ def _write_hf(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: dict
         json.dump({**meta, "input_names": names}, f, indent=2)
 
 
-def _load_hf(path: str) -> Callable[..., Any]:
+def load_hf(path: str) -> Callable[..., Any]:
     """The folder reloaded as a user does: the class its config.json names, from_pretrained."""
     import transformers
 
@@ -231,7 +231,7 @@ def _load_hf(path: str) -> Callable[..., Any]:
         arch = json.load(f)["architectures"][0]
     with _quiet():
         model = getattr(transformers, arch).from_pretrained(path, local_files_only=True).eval()
-    names = (_meta_hf(path) or {}).get("input_names") or []
+    names = (read_hf_metadata(path) or {}).get("input_names") or []
 
     def run(*args: Any) -> Any:
         with torch.no_grad():
@@ -240,22 +240,10 @@ def _load_hf(path: str) -> Callable[..., Any]:
     return run
 
 
-def _meta_hf(path: str) -> dict[str, Any] | None:
+def read_hf_metadata(path: str) -> dict[str, Any] | None:
+    """The graphopt metadata stored beside the configuration, if any."""
     file = os.path.join(path, METADATA_NAME)
     if not os.path.exists(file):
         return None
     with open(file) as f:
         return dict(json.load(f))
-
-
-HF_EXPORTER = Exporter(
-    "hf",
-    (),
-    _write_hf,
-    _load_hf,
-    _meta_hf,
-    directory=True,
-    tolerance=1e-4,
-    summary="transformers save_pretrained folder (config + safetensors) for from_pretrained",
-    check=check_hf,
-)

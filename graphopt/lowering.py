@@ -34,6 +34,7 @@ from torch.utils import _pytree as pytree
 from .contributions import Contributions, PluginRef, plugin_failure
 from .errors import GraphoptError, PluginError, first_line
 from .extensions import Exporter
+from .hfformat import check_hf, load_hf, read_hf_metadata, write_hf
 from .hookspecs import hookimpl
 from .measuring import deviation, run_model
 
@@ -343,14 +344,24 @@ BUILTIN_EXPORTERS = (
         directory=True,
         summary="generated Python + weights.pt, loadable without graphopt",
     ),
+    # chosen by name (--format hf), never by the path: the folder format stays the default
+    Exporter(
+        "hf",
+        (),
+        write_hf,
+        load_hf,
+        read_hf_metadata,
+        directory=True,
+        tolerance=1e-4,
+        summary="transformers save_pretrained folder (config + safetensors) for from_pretrained",
+        check=check_hf,
+    ),
 )
 
 
 @hookimpl
 def graphopt_register_exporters(register: Any) -> None:
-    from .hfformat import HF_EXPORTER
-
-    for exporter in (*BUILTIN_EXPORTERS, HF_EXPORTER):
+    for exporter in BUILTIN_EXPORTERS:
         register(exporter)
 
 

@@ -52,7 +52,14 @@ def test_every_cli_command_is_documented():
 
 
 @pytest.mark.parametrize(
-    "script", ["custom_pass.py", "inspect_and_optimize.py", "quant_digits.py", "prune_resnet.py"]
+    "script",
+    [
+        "custom_pass.py",
+        "inspect_and_optimize.py",
+        "quant_digits.py",
+        "prune_resnet.py",
+        "compress_bert.py",
+    ],
 )
 def test_examples_run(script, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -61,6 +68,8 @@ def test_examples_run(script, tmp_path, monkeypatch, capsys):
         args += ["torchvision:mobilenet_v3_small", "cleanup", str(tmp_path / "m.pt2")]
     if script == "quant_digits.py":
         args += [str(tmp_path)]  # trains a digits CNN, writes int8 .pt and .onnx
+    if script == "compress_bert.py":
+        args += ["--fast", str(tmp_path)]  # fewer sequences and steps than the documented run
     monkeypatch.setattr(sys, "argv", args)
     runpy.run_path(str(ROOT / "examples" / script), run_name="__main__")
     out = capsys.readouterr().out

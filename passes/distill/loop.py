@@ -518,9 +518,9 @@ def _check_runs(student: nn.Module, teacher: nn.Module, inputs: tuple[Any, ...])
             shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
             raise GraphoptError(
                 f"the {role} does not run on a training batch of shape {shapes} "
-                f"({first_line(exc)}); give batches the model accepts (a program exported "
-                "with a fixed batch size takes only that size: export it with a dynamic "
-                "batch dimension, or load the model from its source)"
+                f"({first_line(exc)}); give batches the model accepts (a graph captured by "
+                "torch.export, such as a transformers model's, takes only the batch shape it "
+                "was captured with: capture it with --input-shape matching the batches)"
             ) from None
 
 

@@ -65,6 +65,11 @@ def check_combination(form: str, mode: str, target_format: str | None) -> None:
         )
     if target_format is None:
         return
+    if target_format == "hf":
+        raise GraphoptError(
+            "quant makes int8 kernels that a transformers save_pretrained folder (--format hf) "
+            "cannot hold; write the int8 model with -o model.pt (or .pt2, .onnx), or drop quant"
+        )
     where = _where(target_format)
     if form == "int8" and target_format in EXPORTED:
         raise GraphoptError(
