@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import graphopt
+from graphopt.fxutil import arg
 
 timm = pytest.importorskip("timm")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,3 +94,23 @@ def test_batchnorm_after_a_layer_whose_rank_is_asserted_folds_exactly():
     x = ir.example_inputs[0]
     with torch.no_grad():
         torch.testing.assert_close(result.ir.gm(x), ir.gm(x), rtol=1e-4, atol=1e-4)
+
+
+def test_one_group_groupnorm_prunes_channels_like_layernorm():
+    """PoolFormer's GroupNorm1 normalises over channels and space; its residual stream
+    used to be one atom (one group kept whole), now its channels prune one by one."""
+    spec = "timm:poolformerv2_s12?num_classes=10"
+    result, x = _prune(spec, 32)
+    first, last = result.ledger[0], result.ledger[-1]
+    assert last.macs <= 0.35 * first.macs, last.notes
+    _runs_with_same_output_shape(spec, result, x)
+    norms = [n for n in result.ir.graph.nodes if n.target is nn.functional.group_norm]
+    assert len(norms) > 10
+    widths = []
+    for node in norms:
+        weight = result.ir.gm.get_parameter(str(arg(node, 2, "weight").target))
+        assert arg(node, 1, "num_groups") == 1
+        widths.append(weight.shape[0])
+    assert widths[0] < 64  # 64 in the unpruned model
+    with torch.no_grad():
+        result.ir.gm(x)  # each one-group norm's weight fits its narrower input

@@ -70,7 +70,10 @@ class BatchNorm(OpRule):
 
 
 class GroupNorm(OpRule):
-    """``nn.GroupNorm`` and ``F.group_norm``: whole groups go; ``num_groups`` shrinks."""
+    """``nn.GroupNorm`` and ``F.group_norm``: whole groups go; ``num_groups`` shrinks. One
+    group (PoolFormer's and timm's ``GroupNorm1``, a LayerNorm over channels and space)
+    loses channels one by one, its statistics recomputed over the kept ones as
+    LayerNorm's are."""
 
     modules = (nn.GroupNorm,)
     functions = (F.group_norm,)
@@ -84,7 +87,8 @@ class GroupNorm(OpRule):
             groups = int(concrete(arg(node, 1, "num_groups")))
         c = val(node).shape[1]
         per = c // groups
-        g.link(g.key(node, 1), g.key(node, 1), None, (np.arange(c) // per) * per)
+        if groups > 1:
+            g.link(g.key(node, 1), g.key(node, 1), None, (np.arange(c) // per) * per)
         if isinstance(m, nn.GroupNorm):
             if m.affine:
                 t = str(node.target)
@@ -99,12 +103,14 @@ class GroupNorm(OpRule):
         if node.op == "call_module":
             m = sizes.module(node)
             assert isinstance(m, nn.GroupNorm)
-            m.num_groups = new_c // (m.num_channels // m.num_groups)
+            if m.num_groups > 1:
+                m.num_groups = new_c // (m.num_channels // m.num_groups)
             m.num_channels = new_c
             return
         groups = int_arg(node, 1, "num_groups")
         old_c = val(node).shape[1]
-        set_arg(node, 1, "num_groups", new_c // (old_c // groups))
+        if groups > 1:
+            set_arg(node, 1, "num_groups", new_c // (old_c // groups))
 
 
 class LayerNorm(OpRule):
