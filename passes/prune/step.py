@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch.fx as fx
 
 from graphopt import GraphIR, GraphoptError
 
@@ -75,6 +76,8 @@ def prune_once(
     goal = None
     if o.target is not None:
         goal = o.target * (est.macs0 if o.metric == "macs" else est.params0)
+    failures: dict[str, int] = {}
+    last = ""
     for _ in range(MAX_RETRIES):
         sel = Selector(
             g, score(g), round_to=o.round_to, max_layer_ratio=o.max_layer_ratio,
@@ -89,7 +92,12 @@ def prune_once(
             after = apply_removal(work, g, removed, found)
         except ResizeFailed as exc:
             node = next(n for n in ir.graph.nodes if n.name == exc.node.name)
-            g.freeze_node(node, f"no longer fits after resizing ({_short(exc.cause)})")
+            last = f"at node '{node.name}' ({_short(exc.cause)})"
+            failures[node.name] = failures.get(node.name, 0) + 1
+            # failing again where it was frozen: the size that no longer fits comes from
+            # further up, so freeze the nodes feeding it, twice as far back each time
+            for culprit in _upstream(node, 2 ** failures[node.name] - 1):
+                g.freeze_node(culprit, f"no longer fits after resizing {last}")
             solve(g)
             continue
         if goal is not None:
@@ -98,9 +106,18 @@ def prune_once(
         notes = frozen_report(g)
         return PruneResult(work, chosen, int(removed.sum()), sel.n_atoms, notes, after)
     raise GraphoptError(
-        f"pruning kept breaking the model after freezing {MAX_RETRIES} nodes; exclude the "
-        "failing layers with ignore=[...]"
+        f"pruning kept breaking the model {last} after {MAX_RETRIES} retries freezing what "
+        "it reads; exclude the failing layers with ignore=[...]"
     )
+
+
+def _upstream(node: fx.Node, hops: int) -> list[fx.Node]:
+    """``node`` and the nodes at most ``hops`` steps up its inputs."""
+    found, frontier = [node], [node]
+    for _ in range(hops):
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in found]
+        found += list(dict.fromkeys(frontier))
+    return found
 
 
 def _short(exc: BaseException) -> str:
