@@ -114,4 +114,3 @@ def test_one_group_groupnorm_prunes_channels_like_layernorm():
     assert widths[0] < 64  # 64 in the unpruned model
     with torch.no_grad():
         result.ir.gm(x)  # each one-group norm's weight fits its narrower input
-
