@@ -56,13 +56,16 @@ def test_weight_standardised_convs_prune_their_parameter():
         narrower += w.shape[0] < m.out_channels
         # the kept gains are some of the original ones, in order, and the raw weight keeps
         # the same rows (and some of their columns)
-        kept = [int((m.gain.flatten() == v).nonzero()) for v in gain.flatten()]
-        assert kept == sorted(kept)
-        rows = m.weight[kept]
-        cols = [
-            next(j for j in range(rows.shape[1]) if torch.equal(rows[:, j], w[:, c]))
-            for c in range(w.shape[1])
-        ]
+        kept = (gain.flatten()[:, None] == m.gain.flatten()[None, :]).nonzero()[:, 1]
+        assert len(kept) == gain.numel() and bool((kept.diff() > 0).all())
+        rows = m.weight[kept].detach()
+        # each kept column is one of the original columns of those rows
+        old_cols = rows.transpose(0, 1).flatten(1)
+        new_cols = w.detach().transpose(0, 1).flatten(1)
+        distance, cols = torch.cdist(
+            new_cols, old_cols, compute_mode="donot_use_mm_for_euclid_dist"
+        ).min(1)
+        assert bool((distance == 0).all())
         assert torch.equal(rows[:, cols], w)
     assert narrower > len(convs) // 2
 
