@@ -184,5 +184,6 @@ def optimize(
             output,
             result.metadata(),
             manager.registry.exporters,
+            expected=result.outputs,
         )
     return result

@@ -23,6 +23,7 @@ from graphopt import GraphIR
 from graphopt.analyses import MACS, run_counting
 from graphopt.fxutil import arg
 from graphopt.ir import store_tensor
+from graphopt.threads import one_thread
 
 from .graph import ChannelGraph, SpaceKey, val
 from .ops import Resize, RuleSet
@@ -78,11 +79,12 @@ def _slice_tensors(ir: GraphIR, masks: dict[SpaceKey, np.ndarray]) -> None:
     for key, mask in masks.items():
         if key[0] == "p":
             by_name.setdefault(key[1], {})[key[2]] = mask
-    for qualname, dims in by_name.items():
-        new = ir.fetch(qualname).detach()
-        for d, mask in sorted(dims.items()):
-            new = new.index_select(d, torch.from_numpy(np.flatnonzero(mask)))
-        store_tensor(ir.gm, qualname, new)
+    with one_thread():  # an index_select or two per tensor
+        for qualname, dims in by_name.items():
+            new = ir.fetch(qualname).detach()
+            for d, mask in sorted(dims.items()):
+                new = new.index_select(d, torch.from_numpy(np.flatnonzero(mask)))
+            store_tensor(ir.gm, qualname, new)
 
 
 def _size_read(node: fx.Node) -> tuple[fx.Node, int] | None:
@@ -152,7 +154,8 @@ def observe(ir: GraphIR) -> dict[str, int]:
     """Run ``ir`` once on its example inputs (eval mode, no grad): every node's
     ``meta["val"]`` becomes a meta tensor of its value's shape and dtype, and the MACs of
     each node are returned, counted as the ``costs`` analysis counts them. This stands for
-    the ``shapes`` analysis of ``ir`` from then on (until the next change). Raise
+    the ``shapes`` analysis of ``ir`` from then on (until the next change), and what the
+    run returned for its ``outputs`` analysis (the ledger need not run the graph again). Raise
     :class:`ResizeFailed` naming the first node that does not run. Real tensors at
     example-input sizes cost less than fake-tensor propagation's per-op overhead."""
     ir.invalidate()
@@ -161,11 +164,12 @@ def observe(ir: GraphIR) -> dict[str, int]:
     try:
         with torch.no_grad():
             observer = _Observer(ir.gm)
-            observer.run(*ir.example_inputs)
+            outputs = observer.run(*ir.example_inputs)
     finally:
         for m, training in modes.items():
             m.training = training
     ir.provide("shapes", True)
+    ir.provide("outputs", outputs)
     return observer.macs
 
 
