@@ -199,5 +199,6 @@ def optimize(
             result.metadata(),
             manager.registry.exporters,
             format,
+            expected=result.outputs,
         )
     return result

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import ctypes
 import functools
 import inspect as pyinspect
 import json
 import os
 import sys
+import threading
 import typing
 import warnings
 from collections.abc import Callable
@@ -24,7 +28,7 @@ from .loading import ModelSpec
 from .plugins import PluginWarning, Registry, get_registry
 from .version import __version__
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "run"]
 
 #: width for output that is not a terminal (a file, a pipe, a test): wide, so tables stay whole
 PIPE_WIDTH = 200
@@ -340,6 +344,7 @@ def optimize(
             result.metadata(),
             registry.exporters,
             format,
+            expected=result.outputs,
         )
         progress.update(task, advance=1, description="done")
     _console().print(ledger_table(result.ledger, title=f"{ir.source} → {output}"))
@@ -697,3 +702,32 @@ def main(argv: list[str] | None = None) -> None:
             soft_wrap=True,
         )
         sys.exit(1)
+
+
+def run() -> None:
+    """The ``graphopt`` console script (and ``python -m graphopt``): :func:`main`, then a
+    quick exit with the status it gave.
+
+    A process that has loaded torch and a large model spends seconds tearing its objects
+    down one by one, which nobody waits for: here it waits for its other threads, runs the
+    exit handlers (``atexit``, ``weakref.finalize``), flushes the standard streams (C's
+    too) and ends. (:func:`main` itself returns, or raises ``SystemExit``, for callers in
+    Python.)"""
+    try:
+        main()
+        code: Any = 0
+    except SystemExit as exc:
+        code = exc.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # as the interpreter would
+        code = 1
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(Exception):  # what native libraries wrote with C's stdio
+        ctypes.CDLL(None).fflush(None)
+    os._exit(code or 0)

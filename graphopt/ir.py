@@ -22,9 +22,8 @@ import fnmatch
 import html
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
@@ -32,7 +31,12 @@ from torch.export import ExportedProgram
 
 from .errors import GraphoptError
 from .fxutil import fetch
+from .measuring import run_model
 from .shapes import NodeCost, node_costs, packed_weights, propagate_shapes
+from .threads import one_thread
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 __all__ = [
     "BUILTIN_ANALYSES",
@@ -40,6 +44,7 @@ __all__ = [
     "Analysis",
     "GraphIR",
     "NodeCost",
+    "copy_sharing_tensors",
     "fetch",
     "free_name",
     "store_tensor",
@@ -111,8 +116,10 @@ def _own_tables(m: nn.Module, done: dict[int, nn.Module]) -> dict[str, Any]:
 _TABLE_TYPES = (dict, OrderedDict, set, list)
 
 
-def _shallow_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` with a new graph and new modules sharing ``gm``'s tensors. (Built
+def copy_sharing_tensors(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with a new graph and new modules sharing ``gm``'s tensors: changing
+    the copy's graph, modules, training flags or node metadata leaves ``gm`` alone, writing
+    into a tensor does not. It costs a fraction of a deep copy. (Built
     empty and then filled: ``GraphModule(root, graph)`` would re-register every target the
     graph names, one ``setattr`` each.)"""
     new = fx.GraphModule(nn.Module(), fx.Graph(), type(gm).__name__)
@@ -122,7 +129,16 @@ def _shallow_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     new.training = gm.training
     new.meta = dict(getattr(gm, "meta", {}))
     new.graph = copy.deepcopy(gm.graph)
+    # what a pickled copy is rebuilt with (e.g. a tracer keeping a model's output type)
+    for key in _REBUILT_WITH:
+        if key in gm.__dict__:
+            new.__dict__[key] = gm.__dict__[key]
     return new
+
+
+#: what ``GraphModule.__init__`` sets afresh that a copy must take from the original: the
+#: tracer a pickled module is rebuilt with, and its extras
+_REBUILT_WITH = ("_tracer_cls", "_tracer_extras")
 
 
 #: an analysis: computed from an IR on request, cached on it until a pass invalidates it
@@ -139,9 +155,19 @@ def _costs(ir: GraphIR) -> dict[str, NodeCost]:
     return node_costs(ir.gm)
 
 
+def _outputs(ir: GraphIR) -> Any:
+    return run_model(ir.gm, ir.example_inputs)
+
+
 #: the analyses every IR knows unless it is given another table: ``shapes`` (each node's
-#: fake value in ``node.meta["val"]`` and its MACs) and ``costs`` (per-node params and MACs)
-BUILTIN_ANALYSES: Mapping[str, Analysis] = {"shapes": _shapes, "costs": _costs}
+#: fake value in ``node.meta["val"]`` and its MACs), ``costs`` (per-node params and MACs)
+#: and ``outputs`` (what the model returns for the example inputs, run as
+#: :func:`graphopt.run_model` runs it)
+BUILTIN_ANALYSES: Mapping[str, Analysis] = {
+    "shapes": _shapes,
+    "costs": _costs,
+    "outputs": _outputs,
+}
 
 
 class GraphIR:
@@ -242,14 +268,15 @@ class GraphIR:
         fraction of a deep copy (no tensor data is copied)."""
         if share_tensors:
             return GraphIR(
-                _shallow_graph_module(self.gm),
+                copy_sharing_tensors(self.gm),
                 self.example_inputs,
                 source=self.source,
                 history=self.history,
                 analyses=self.analyses,
             )
         try:
-            gm = copy.deepcopy(self.gm)
+            with one_thread():  # a copy per tensor
+                gm = copy.deepcopy(self.gm)
         except RuntimeError as exc:
             if "deepcopy protocol" not in str(exc):
                 raise
@@ -455,6 +482,8 @@ class GraphIR:
 
     def to_networkx(self) -> nx.DiGraph:
         """The dataflow graph as a networkx DiGraph whose node attributes are :meth:`rows`."""
+        import networkx as nx
+
         g = nx.DiGraph()
         for row in self.rows():
             g.add_node(row["name"], **{k: v for k, v in row.items() if k != "inputs"})

@@ -13,7 +13,6 @@ otherwise be lost silently.
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import logging
@@ -36,6 +35,7 @@ from .errors import GraphoptError, PluginError, first_line
 from .extensions import Exporter
 from .hfformat import check_hf, load_hf, read_hf_metadata, write_hf
 from .hookspecs import hookimpl
+from .ir import copy_sharing_tensors
 from .measuring import deviation, run_model
 
 __all__ = [
@@ -58,8 +58,10 @@ ARTIFACT_TOLERANCE = "graphopt.artifact_tolerance"
 
 
 def _strip(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` without fake tensors in node metadata (they cannot be serialised)."""
-    clone = copy.deepcopy(gm)
+    """A copy of ``gm`` without fake tensors in node metadata (they cannot be serialised),
+    its modules out of training mode. It shares ``gm``'s tensors: no writer changes them,
+    and copying the weights would cost more than writing them."""
+    clone = copy_sharing_tensors(gm)
     for node in clone.graph.nodes:
         node.meta.pop("val", None)
     for m in clone.modules():  # not .eval(): exported programs refuse it
@@ -458,11 +460,15 @@ def lower(
     metadata: dict[str, Any],
     exporters: Mapping[str, Exporter],
     format: str | None = None,
+    *,
+    expected: Any = None,
 ) -> dict[str, Any]:
     """Write ``gm`` to ``out`` atomically and verify the artifact; return the check figures.
 
     ``out`` names a directory when it ends with a slash or has no suffix, unless ``format``
-    names the exporter (see :func:`pick_exporter`)."""
+    names the exporter (see :func:`pick_exporter`). ``expected`` is what ``gm`` returns for
+    ``example_inputs`` when the caller has just run it (:attr:`graphopt.Result.outputs`);
+    without it the check runs ``gm`` again."""
     out = os.fspath(out)
     exporter = check_output(out, exporters, format)
     if exporter.check is not None:
@@ -484,7 +490,7 @@ def lower(
             ) from None
         owner = _plugin_of(exporter, exporters)
         _check_one_artifact(exporter, owner, tmp_root, os.path.basename(target))
-        check = verify(exporter, tmp, gm, example_inputs, owner=owner)
+        check = verify(exporter, tmp, gm, example_inputs, owner=owner, expected=expected)
         _replace(tmp, target, exporter.directory)
         return check
     finally:
@@ -526,9 +532,11 @@ def verify(
     example_inputs: tuple[Any, ...],
     *,
     owner: PluginRef | None = None,
+    expected: Any = None,
 ) -> dict[str, Any]:
-    """Reload an artifact and compare its outputs with the in-memory model; ``owner`` is
-    the third-party plugin behind ``exporter``, blamed when its artifact fails to run."""
+    """Reload an artifact and compare its outputs with the in-memory model's (``expected``,
+    when already known, else ``gm`` is run); ``owner`` is the third-party plugin behind
+    ``exporter``, blamed when its artifact fails to run."""
     try:
         got = run_model(exporter.load(path), example_inputs)
     except GraphoptError:
@@ -542,7 +550,7 @@ def verify(
             f"({type(exc).__name__}: {first_line(exc)}); nothing was written"
         ) from None
     # compared leaf by leaf: a runtime may return a list where the model returns a tuple
-    dev = deviation(got, run_model(gm, example_inputs))
+    dev = deviation(got, run_model(gm, example_inputs) if expected is None else expected)
     tolerance = max(exporter.tolerance, float(gm.meta.get(ARTIFACT_TOLERANCE, 0.0)))
     if dev.rel_err > tolerance:
         raise GraphoptError(

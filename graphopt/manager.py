@@ -1,7 +1,8 @@
 """The pass manager: runs a validated pipeline on a copy of the model and keeps a ledger.
 
-After every pass it lints the graph, runs it on probe inputs, and records the deviation from
-the original model (max abs error, relative error, top-1 agreement for classifiers), params,
+After every pass it lints the graph, runs it on probe inputs (or takes the ``outputs``
+analysis a pass that has just run it left), and records the deviation from the original
+model (max abs error, relative error, top-1 agreement for classifiers), params,
 MACs and time: the *compression ledger*. It never mutates the caller's model: the first
 thing it does is copy it. When a pass crashes it writes a reproducer bundle.
 
@@ -96,6 +97,9 @@ class Result:
     ir: GraphIR
     pipeline: str
     ledger: list[LedgerEntry]
+    #: what ``ir`` returned for its example inputs in the ledger's last run (None when the
+    #: ledger probed other inputs): lowering checks the written artifact against it
+    outputs: Any = None
 
     def metadata(self) -> dict[str, Any]:
         """What lowering stores beside the artifact: pipeline, ledger, versions."""
@@ -184,11 +188,15 @@ class PassManager:
         probe_inputs: tuple[Any, ...] | None,
         on_step: Callable[[LedgerEntry], None] | None,
     ) -> Result:
-        reference = ir.copy()
+        # the reference is only read (ctx.reference is the untouched original), so it may
+        # share the caller's tensors; the passes rewrite a deep copy of their own
+        reference = ir.copy(share_tensors=True)
         work = ir.copy()
         work.analyses = self.registry.analyses
+        if ir.has_analysis("shapes"):  # it lives in the nodes' metadata, which copies carry
+            work.provide("shapes", True)
         probe = probe_inputs if probe_inputs is not None else ir.example_inputs
-        ref_out = run_model(reference.gm, probe)
+        ref_out = _outputs(reference, probe_inputs)
         ledger = [
             LedgerEntry(
                 "(input)",
@@ -204,7 +212,7 @@ class PassManager:
         if on_step:
             on_step(ledger[0])
         prev_out = ref_out  # an exact pass is judged against the step before it
-        for p in self.passes:
+        for index, p in enumerate(self.passes):
             ctx = PassContext(
                 probe_inputs=probe,
                 reference=reference.gm,
@@ -213,7 +221,9 @@ class PassManager:
                 registry=self.registry,
                 target_format=self.target_format,
             )
-            before = work.copy() if self.reproducer else None
+            # the model before the pass, for a reproducer; before the first pass that is the
+            # reference, whose tensors no pass writes (a deep copy of the model otherwise)
+            before = (reference if index == 0 else work.copy()) if self.reproducer else None
             start = time.perf_counter()
             try:
                 p.run(work, ctx)
@@ -226,7 +236,7 @@ class PassManager:
             seconds = time.perf_counter() - start
             work.invalidate(keep=p.keeps)
             work.history.append(format_step(p))
-            entry, prev_out = self._measure(work, p, ctx, probe, ref_out, prev_out, seconds)
+            entry, prev_out = self._measure(work, p, ctx, probe_inputs, ref_out, prev_out, seconds)
             ledger.append(entry)
             if on_step:
                 on_step(entry)
@@ -234,7 +244,7 @@ class PassManager:
                 self._print_graph(work, p)
         if self.time_passes:
             self._print_times(ledger)
-        return Result(work, self.pipeline, ledger)
+        return Result(work, self.pipeline, ledger, prev_out if probe_inputs is None else None)
 
     def _crash(self, p: Pass, exc: BaseException, bundle: tuple[str, str] | None) -> PassCrash:
         """The crash of ``p``, saying where its reproducer went and, for a plugin's pass,
@@ -254,14 +264,14 @@ class PassManager:
         work: GraphIR,
         p: Pass,
         ctx: PassContext,
-        probe: tuple[Any, ...],
+        probe_inputs: tuple[Any, ...] | None,
         ref_out: Any,
         prev_out: Any,
         seconds: float,
     ) -> tuple[LedgerEntry, Any]:
         """The ledger entry of ``p`` (deviation from the original model) and the outputs."""
         try:
-            out = run_model(work.gm, probe)
+            out = _outputs(work, probe_inputs)
         except Exception as exc:
             failure = RuntimeError(f"the rewritten model fails to run: {first_line(exc)}")
             raise self._crash(p, failure, None) from exc
@@ -377,6 +387,15 @@ class PassManager:
             f"  graphopt optimize {source} {shape_args} --passes '{self.pipeline}' "
             "-o out.pt --reproducer DIR\n"
         )
+
+
+def _outputs(ir: GraphIR, probe_inputs: tuple[Any, ...] | None) -> Any:
+    """What ``ir``'s model returns for the probe inputs: for its own example inputs (no
+    ``probe_inputs``) the ``outputs`` analysis, which a pass that has just run the rewritten
+    graph may have left; otherwise a run."""
+    if probe_inputs is None and "outputs" in ir.analyses:
+        return ir.analysis("outputs")
+    return run_model(ir.gm, probe_inputs if probe_inputs is not None else ir.example_inputs)
 
 
 def _write_text(folder: str, name: str, text: str) -> None:

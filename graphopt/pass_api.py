@@ -191,7 +191,8 @@ class PassContext:
 
     ``data`` is the calibration/training data the user supplied (an iterable of input
     tuples or of ``(inputs, target)`` batches), ``reference`` the untouched original model
-    (the teacher for distillation), ``probe_inputs`` the inputs the pass manager checks
+    (the teacher for distillation; it shares the caller's tensors, so it is read, never
+    written), ``probe_inputs`` the inputs the pass manager checks
     deviation on, ``registry`` the plugin registry the pipeline runs with (look other
     contributions up there, e.g. ``ctx.registry.losses[name]``: ``-p no:NAME`` applies),
     ``target_format`` the name of the exporter the result will be written with (``"pt2"``,

@@ -14,14 +14,13 @@ its spread says little on a shared CPU.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -33,6 +32,7 @@ from .lowering import METADATA_NAME, load_folder, read_metadata, write_onnx
 from .manager import ledger_from_metadata
 from .measuring import agreement, run_model, weights_bytes
 from .report import Latency, ModelReport
+from .threads import torch_threads
 
 if TYPE_CHECKING:
     from .loading import ModelSpec
@@ -72,18 +72,6 @@ def time_callable(
         p25 = p75 = samples[0]
     used = threads if threads is not None else torch.get_num_threads()
     return Latency(statistics.median(samples), p25, p75, runs, warmup, used)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with torch using ``threads`` intra-op threads (None: leave as is)."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass

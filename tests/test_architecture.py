@@ -1,5 +1,6 @@
 """The shape of the code: no import cycles in the core, no module reaching into another's
-private names, and the examples in the core's docstrings run.
+private names, heavy optional packages imported only where needed, and the examples in the
+core's docstrings run.
 
 The import graph is read from the source (every ``import`` statement, at any depth, those
 under ``TYPE_CHECKING`` included), so a cycle hidden inside a function counts too.
@@ -10,6 +11,9 @@ from __future__ import annotations
 import ast
 import doctest
 import importlib
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,6 +116,47 @@ def test_no_module_imports_another_modules_private_names() -> None:
     assert not new, f"modules importing another module's private names: {new}"
 
 
+#: packages graphopt uses on some paths only (ONNX output, zoo sources, views, data): a
+#: command that needs none of them must not pay for importing them
+ON_DEMAND = ("onnx", "onnxruntime", "onnxscript", "transformers", "timm", "networkx",
+             "matplotlib", "sklearn", "pandas")  # fmt: skip
+
+IMPORTS_OF_A_RUN = """
+import json, sys
+from graphopt.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    assert not exc.code, f"exit status {exc.code}"
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def test_pruning_a_torchvision_model_to_pt_imports_no_on_demand_package(tmp_path: Path) -> None:
+    """The CLI's whole path (plugins found, model built, traced, pruned, written, reloaded
+    and checked) in a fresh interpreter."""
+    out = tmp_path / "small.pt"
+    args = ["optimize", "torchvision:resnet18", "--input-shape", "1,3,32,32",
+            "--passes", "prune(ratio=0.5)", "-o", str(out)]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", IMPORTS_OF_A_RUN, *args], capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(json.loads(proc.stdout.splitlines()[-1]))
+    assert out.is_file() and {"torch", "torchvision", "graphopt", "typer"} <= loaded
+    assert not loaded & set(ON_DEMAND), f"imported without need: {sorted(loaded & set(ON_DEMAND))}"
+
+
+def test_importing_graphopt_imports_no_on_demand_package() -> None:
+    code = "import json, sys, graphopt, graphopt.cli; graphopt.get_registry()\n" + (
+        "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(json.loads(proc.stdout))
+    assert "graphopt" in loaded and not loaded & set(ON_DEMAND), sorted(loaded & set(ON_DEMAND))
+
+
 CORE_DOCTESTS = [
     "graphopt",
     "graphopt.contributions",
@@ -119,6 +164,7 @@ CORE_DOCTESTS = [
     "graphopt.manager",
     "graphopt.measuring",
     "graphopt.pass_api",
+    "graphopt.threads",
 ]
 
 

@@ -290,6 +290,32 @@ def test_copy_sharing_tensors_is_independent_but_for_the_tensors(block, block_in
         torch.testing.assert_close(ir.gm(*block_input), block(*block_input))
 
 
+class KeepingTracer(torch.fx.Tracer):
+    """A tracer a pickled GraphModule must be rebuilt with (as one keeping an output type)."""
+
+
+def test_a_copy_sharing_tensors_pickles_like_the_original(block, block_input, tmp_path) -> None:
+    gm = torch.fx.GraphModule(block, KeepingTracer().trace(block))
+    assert gm._tracer_cls is KeepingTracer
+    twin = GraphIR(gm, block_input).copy(share_tensors=True).gm
+    assert twin._tracer_cls is KeepingTracer and twin._tracer_extras == gm._tracer_extras
+    torch.save(twin, tmp_path / "twin.pt")
+    back = torch.load(tmp_path / "twin.pt", weights_only=False)
+    assert back._tracer_cls is KeepingTracer
+    with torch.no_grad():
+        torch.testing.assert_close(back(*block_input), block(*block_input), rtol=0, atol=0)
+
+
+def test_outputs_analysis_is_the_model_run_on_its_example_inputs(block, block_input) -> None:
+    ir = GraphIR.trace(block, block_input)
+    out = ir.analysis("outputs")
+    with torch.no_grad():
+        torch.testing.assert_close(out, block.eval()(*block_input), rtol=0, atol=0)
+    assert ir.analysis("outputs") is out  # cached until the graph changes
+    ir.invalidate()
+    assert ir.analysis("outputs") is not out
+
+
 def test_provided_analysis_is_used_until_invalidated(block, block_input) -> None:
     ir = GraphIR.trace(block, block_input)
     ir.provide("shapes", True)  # nothing was run: costs then read no MACs from the nodes

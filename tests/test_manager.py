@@ -55,11 +55,22 @@ class Crash(graphopt.Pass):
         raise ZeroDivisionError("boom")
 
 
+class Claims(graphopt.Pass):
+    """Leaves outputs it never computed: the ledger takes them, the artifact check does not."""
+
+    name = "claims"
+    summary = "Provides made-up outputs."
+    keeps = ("outputs",)
+
+    def run(self, ir, ctx):
+        ir.provide("outputs", torch.zeros_like(ir.analysis("outputs")))
+
+
 class _Plugin:
     @staticmethod
     @graphopt.hookimpl
     def graphopt_register_passes(register):
-        for cls in (Halve, Liar, Crash):
+        for cls in (Halve, Liar, Crash, Claims):
             register(cls)
 
 
@@ -247,3 +258,23 @@ def test_reproducer_without_a_folder_goes_to_the_temporary_directory_and_skips_l
         chosen.run(ir)
     assert os.path.dirname(info.value.bundle) == str(asked)  # asked for: weights whatever size
     assert {"input_model.pt", "before_pass.pt"} <= set(os.listdir(info.value.bundle))
+
+
+def test_ledger_takes_the_outputs_a_pass_left_and_the_artifact_check_runs_the_model(
+    registry, block, block_input, tmp_path
+):
+    """A pass that has just run its graph may leave the outputs for the ledger (prune does);
+    the written artifact is still run and compared with them, so made-up ones are caught."""
+    ir = GraphIR.trace(block, block_input)
+    result = PassManager("claims", registry=registry).run(ir)
+    assert result.ledger[-1].rel_err == pytest.approx(1.0)  # the ledger took them
+    assert torch.count_nonzero(result.outputs) == 0
+    out = tmp_path / "claims.pt"
+    with pytest.raises(graphopt.GraphoptError, match="does not reproduce the model"):
+        graphopt.lower(result.ir.gm, result.ir.example_inputs, out, result.metadata(),
+                       registry.exporters, expected=result.outputs)  # fmt: skip
+    assert not out.exists()
+    # with probe inputs of its own the ledger runs the model itself
+    probe = tuple(t + 1 for t in block_input)
+    result = PassManager("claims", registry=registry).run(ir, probe_inputs=probe)
+    assert result.ledger[-1].rel_err == 0 and result.outputs is None

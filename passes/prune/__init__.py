@@ -58,8 +58,8 @@ class Prune(graphopt.Pass):
     exact = False
     after = ("cleanup",)
     # every change ends with a run of the pruned graph (observe), which leaves its shapes
-    # and MACs on the nodes; run() passes that on and drops everything else
-    keeps = ("shapes",)
+    # and MACs on the nodes and its outputs; run() passes them on and drops everything else
+    keeps = ("shapes", "outputs")
 
     Options = PruneOptions
     options: PruneOptions
@@ -116,10 +116,13 @@ class Prune(graphopt.Pass):
                 if len(result.notes) > 20:
                     ctx.note(f"… and {len(result.notes) - 20} more frozen groups")
         fresh = current.has_analysis("shapes")  # observed after its last change
+        outputs = current.analysis("outputs") if current.has_analysis("outputs") else None
         ir.gm = current.gm
         ir.invalidate()
         if fresh:
             ir.provide("shapes", True)
+        if fresh and outputs is not None:
+            ir.provide("outputs", outputs)
         macs_now = result.total_macs if result is not None else sum(macs.values())
         ctx.stat("MACs kept %", round(100 * macs_now / max(macs0, 1), 2))
         params_now = ir.total_params()

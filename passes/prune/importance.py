@@ -33,6 +33,7 @@ from graphopt import (
     registry_in_effect,
     split_batch,
 )
+from graphopt.threads import one_thread
 
 from .graph import ChannelGraph
 
@@ -187,23 +188,24 @@ def atom_scores(g: ChannelGraph, sal: Saliency) -> np.ndarray:
             dims_of.setdefault(("n", key[1]), []).append((key[3] - 1, comps))
     where: list[np.ndarray] = []
     values: list[np.ndarray] = []
-    for (kind, name), wanted in dims_of.items():
-        t = (sal.params if kind == "p" else sal.activations).get(name)
-        if t is None:
-            continue
-        t = t.detach().float()
-        if sal.power is not None and kind == "p":
-            # |w|**p once per tensor, then summed along each dim (a norm along a leading
-            # dim is several times slower than a sum there)
-            t = t.abs() if sal.power == 1 else t.abs() ** sal.power
-        for d, comps in wanted:
-            if t.dim() <= d or t.shape[d] != len(comps):
+    with one_thread():  # a few small reductions per tensor
+        for (kind, name), wanted in dims_of.items():
+            t = (sal.params if kind == "p" else sal.activations).get(name)
+            if t is None:
                 continue
-            dims = [i for i in range(t.dim()) if i != d]
-            v = (t.sum(dim=dims) if dims else t).double().numpy()
-            mean = v.mean()
-            where.append(comps)
-            values.append(v / mean if mean > 0 else np.ones_like(v))
+            t = t.detach().float()
+            if sal.power is not None and kind == "p":
+                # |w|**p once per tensor, then summed along each dim (a norm along a leading
+                # dim is several times slower than a sum there)
+                t = t.abs() if sal.power == 1 else t.abs() ** sal.power
+            for d, comps in wanted:
+                if t.dim() <= d or t.shape[d] != len(comps):
+                    continue
+                dims = [i for i in range(t.dim()) if i != d]
+                v = (t.sum(dim=dims) if dims else t).double().numpy()
+                mean = v.mean()
+                where.append(comps)
+                values.append(v / mean if mean > 0 else np.ones_like(v))
     at = np.concatenate(where) if where else np.zeros(0, dtype=np.int64)
     total = np.bincount(at, np.concatenate(values) if values else None, minlength=ncomp)
     count = np.bincount(at, minlength=ncomp)

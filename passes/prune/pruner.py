@@ -23,6 +23,7 @@ from graphopt import GraphIR
 from graphopt.analyses import MACS, run_counting
 from graphopt.fxutil import arg
 from graphopt.ir import store_tensor
+from graphopt.threads import one_thread
 
 from .graph import ChannelGraph, SpaceKey, val
 from .ops import Resize, RuleSet
@@ -82,18 +83,19 @@ def _slice_tensors(
     for key, mask in masks.items():
         if key[0] == "p":
             by_name.setdefault(key[1], {})[key[2]] = mask
-    for qualname, dims in by_name.items():
-        new = ir.fetch(qualname).detach()
-        for d, mask in sorted(dims.items()):
-            new = new.index_select(d, torch.from_numpy(np.flatnonzero(mask)))
-        stored = store_tensor(ir.gm, qualname, new)
-        for alias in aliases.get(qualname, ()):
-            owner_path, _, name = alias.rpartition(".")
-            owner = ir.gm.get_submodule(owner_path) if owner_path else ir.gm
-            if name in owner._buffers:
-                owner._buffers[name] = stored
-            else:
-                setattr(owner, name, stored)
+    with one_thread():  # an index_select or two per tensor
+        for qualname, dims in by_name.items():
+            new = ir.fetch(qualname).detach()
+            for d, mask in sorted(dims.items()):
+                new = new.index_select(d, torch.from_numpy(np.flatnonzero(mask)))
+            stored = store_tensor(ir.gm, qualname, new)
+            for alias in aliases.get(qualname, ()):
+                owner_path, _, name = alias.rpartition(".")
+                owner = ir.gm.get_submodule(owner_path) if owner_path else ir.gm
+                if name in owner._buffers:
+                    owner._buffers[name] = stored
+                else:
+                    setattr(owner, name, stored)
 
 
 def _size_read(node: fx.Node) -> tuple[fx.Node, int] | None:
@@ -163,7 +165,8 @@ def observe(ir: GraphIR) -> dict[str, int]:
     """Run ``ir`` once on its example inputs (eval mode, no grad): every node's
     ``meta["val"]`` becomes a meta tensor of its value's shape and dtype, and the MACs of
     each node are returned, counted as the ``costs`` analysis counts them. This stands for
-    the ``shapes`` analysis of ``ir`` from then on (until the next change). Raise
+    the ``shapes`` analysis of ``ir`` from then on (until the next change), and what the
+    run returned for its ``outputs`` analysis (the ledger need not run the graph again). Raise
     :class:`ResizeFailed` naming the first node that does not run. Real tensors at
     example-input sizes cost less than fake-tensor propagation's per-op overhead."""
     ir.invalidate()
@@ -172,11 +175,12 @@ def observe(ir: GraphIR) -> dict[str, int]:
     try:
         with torch.no_grad():
             observer = _Observer(ir.gm)
-            observer.run(*ir.example_inputs)
+            outputs = observer.run(*ir.example_inputs)
     finally:
         for m, training in modes.items():
             m.training = training
     ir.provide("shapes", True)
+    ir.provide("outputs", outputs)
     return observer.macs
 
 
