@@ -38,6 +38,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import GraphoptError, first_line
+from .inputs import FreeDims, dynamic_shapes, free_dim_candidates, grown
 
 __all__ = [
     "CAPTURE",
@@ -292,27 +293,65 @@ def export_and_raise(
     :class:`CaptureFailure`."""
     from .raising import raise_program
 
+    program = None
+    with _quiet():
+        for dims in free_dim_candidates(example_inputs):  # a graph for any batch (and length)
+            try:
+                program = _export(model, grown(example_inputs, dims), input_names,
+                                  concrete_args, leaves, dims)  # fmt: skip
+                break
+            except Exception:
+                continue
+        if program is None:
+            program = _export(model, example_inputs, input_names, concrete_args, leaves, None)
+    gm = raise_program(program, model, name=type(model).__name__)
+    gm.meta[CAPTURE] = "export"
+    return gm
+
+
+def _positional_names(model: nn.Module, count: int) -> list[str] | None:
+    """The names ``forward``'s first ``count`` positional arguments bind to (None when they
+    are taken by ``*args``)."""
+    names = []
+    for p in inspect.signature(model.forward).parameters.values():
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(p.name)
+    return names[:count] if len(names) >= count else None
+
+
+def _export(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    input_names: Sequence[str] | None,
+    concrete_args: dict[str, Any] | None,
+    leaves: Iterable[str],
+    dims: FreeDims | None,
+) -> torch.export.ExportedProgram:
+    """One torch.export of ``model`` with each leaf's calls recorded (without, if a leaf is
+    called with arguments export cannot record), leaving ``dims`` free. Raises
+    :class:`CaptureFailure`, and whatever export raises when ``dims`` cannot be free."""
     if input_names is not None:
         args: tuple[Any, ...] = ()
         kwargs = dict(zip(input_names, example_inputs, strict=True))
     else:
         args, kwargs = tuple(example_inputs), {}
+    shapes: Any = None
+    if dims is not None:
+        names = input_names or _positional_names(model, len(example_inputs))
+        if names is None:
+            raise CaptureFailure("export", ValueError("inputs bound through *args"))
+        free = dynamic_shapes(dims, len(example_inputs))
+        shapes = {**dict(zip(names, free, strict=True)), **dict.fromkeys(concrete_args or {})}
     kwargs.update(concrete_args or {})
     preserve = tuple(leaf_paths(model, leaves))
-    program = None
-    with _quiet():
-        try:
-            program = torch.export.export(
-                model, args, kwargs, strict=False, preserve_module_call_signature=preserve
-            )
-        except Exception as exc:
-            if _data_dependent(exc):  # the model's own failure: recording calls is not it
-                raise CaptureFailure("export", exc) from None
-        if program is None:  # a leaf called with arguments export cannot record: no records
-            try:
-                program = torch.export.export(model, args, kwargs, strict=False)
-            except Exception as exc:
-                raise CaptureFailure("export", exc) from None
-    gm = raise_program(program, model, name=type(model).__name__)
-    gm.meta[CAPTURE] = "export"
-    return gm
+    try:
+        return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes,
+                                   preserve_module_call_signature=preserve)  # fmt: skip
+    except Exception as exc:
+        if _data_dependent(exc) or dims is not None:  # the model's failure, or not free
+            raise CaptureFailure("export", exc) from None
+    try:  # a leaf called with arguments export cannot record: no records
+        return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
+    except Exception as exc:
+        raise CaptureFailure("export", exc) from None

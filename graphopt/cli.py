@@ -354,9 +354,12 @@ def optimize(
         if entry.stats:
             stats = ", ".join(f"{k}: {v:g}" for k, v in entry.stats.items())
             _console().print(f"  [bold]{escape(entry.step)}[/]: {escape(stats)}")
+    sizes = check.get("also_checked_at")
+    also = f" (also at {', '.join(f'{n} {v}' for n, v in sizes.items())})" if sizes else ""
+    free = f"; free dims: {', '.join(check['free_dims'])}" if check.get("free_dims") else ""
     _console().print(
-        f"wrote {output} ({check['format']}); reloaded and checked: relative error "
-        f"{check['rel_err']:.1e} against the in-memory model",
+        f"wrote {output} ({check['format']}{free}); reloaded and checked: relative error "
+        f"{check['rel_err']:.1e} against the in-memory model{also}",
         markup=False,
     )
     _console().print(f"pipeline: {result.pipeline}", markup=False, highlight=False)

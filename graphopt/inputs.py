@@ -20,11 +20,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUILD_SEED",
+    "FreeDims",
     "InputSpec",
     "LoadedModel",
     "default_input_shapes",
+    "dynamic_shapes",
     "float_inputs",
+    "free_dim_candidates",
+    "grown",
     "seeded",
+    "varied",
 ]
 
 
@@ -105,3 +110,60 @@ def seeded(seed: int = BUILD_SEED) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+#: input index → {dim: name} of the dims an exported graph leaves free ("batch", "sequence")
+FreeDims = dict[int, dict[int, str]]
+
+
+def free_dim_candidates(inputs: Sequence[Any]) -> list[FreeDims]:
+    """The dims torch.export is asked to leave free, most first: the batch dim of every
+    tensor input and, for token inputs (integer tensors of rank 2), the sequence dim too;
+    then the batch dim only. Empty when no input is a tensor."""
+    tensors = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.dim() >= 1]
+    batch: FreeDims = {i: {0: "batch"} for i in tensors}
+    tokens = {i for i in tensors if inputs[i].dim() == 2 and not inputs[i].is_floating_point()}
+    if not tokens:
+        return [batch] if batch else []
+    both: FreeDims = {
+        i: {0: "batch", 1: "sequence"} if i in tokens else {0: "batch"} for i in tensors
+    }
+    return [both, batch]
+
+
+def dynamic_shapes(dims: FreeDims, count: int) -> tuple[dict[int, Any] | None, ...]:
+    """``torch.export``'s ``dynamic_shapes`` for ``count`` positional inputs leaving ``dims``
+    free. Export may narrow a free dim's range (a sequence no longer than the position
+    table) and tie dims together (a mask's length to its token ids'); it fails if the graph
+    fixes one."""
+    from torch.export import Dim
+
+    return tuple(dict.fromkeys(dims[i], Dim.DYNAMIC) if i in dims else None for i in range(count))
+
+
+def grown(inputs: Sequence[Any], dims: FreeDims) -> tuple[Any, ...]:
+    """Copies of ``inputs`` with every dim of ``dims`` at least 2 long (the values repeated
+    along it): torch.export fixes a dim it sees at size 1, and marks the tensors it is given
+    as dynamic, which a later export of the originals must not inherit."""
+    out = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
+    for i, free in dims.items():
+        for d in free:
+            if out[i].shape[d] < 2:
+                out[i] = torch.cat([out[i], out[i]], dim=d)
+    return tuple(out)
+
+
+def varied(inputs: Sequence[Any], dims: FreeDims) -> tuple[Any, ...]:
+    """``inputs`` at another size in every dim of ``dims``, to check that a free dim really
+    is free: one shorter (a length within any upper bound the model has, such as its
+    position table) when that leaves at least 2, else 3 long (the first slice repeated)."""
+    out = list(inputs)
+    for i, free in dims.items():
+        for d in free:
+            n = out[i].shape[d]
+            if n >= 3:
+                out[i] = out[i].narrow(d, 0, n - 1)
+            else:
+                first = out[i].narrow(d, 0, 1)
+                out[i] = torch.cat([out[i], *[first] * (3 - n)], dim=d)
+    return tuple(out)

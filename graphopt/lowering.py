@@ -13,6 +13,7 @@ otherwise be lost silently.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import textwrap
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from .errors import GraphoptError, PluginError, first_line
 from .extensions import Exporter
 from .hfformat import check_hf, load_hf, read_hf_metadata, write_hf
 from .hookspecs import hookimpl
+from .inputs import dynamic_shapes, free_dim_candidates, grown, varied
 from .ir import copy_sharing_tensors
 from .measuring import deviation, run_model
 
@@ -72,9 +74,32 @@ def _strip(gm: fx.GraphModule) -> fx.GraphModule:
 # -- .pt2 --------------------------------------------------------------------------------------
 
 
-def _export(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> torch.export.ExportedProgram:
+#: ``graphopt.json`` key naming the input dims a ``.pt2`` or ``.onnx`` artifact leaves free
+DYNAMIC_DIMS = "dynamic_dims"
+
+
+def export_program(
+    gm: fx.GraphModule, inputs: tuple[Any, ...], meta: dict[str, Any] | None = None
+) -> torch.export.ExportedProgram:
+    """``gm`` exported with torch.export, its batch dim (and a token model's sequence dim)
+    left free where the graph allows it, else with the example inputs' shapes. Which dims
+    are free is recorded under :data:`DYNAMIC_DIMS` in ``meta``; :func:`verify` runs the
+    artifact at other sizes of them."""
+    model = _strip(gm)
+    for dims in free_dim_candidates(inputs):
+        shapes = dynamic_shapes(dims, len(inputs))
+        try:
+            with _quiet_export():
+                program = torch.export.export(model, grown(inputs, dims), dynamic_shapes=shapes)
+        except Exception:  # a dim the graph fixes (a reshape to the example's batch, …)
+            continue
+        if meta is not None:
+            meta[DYNAMIC_DIMS] = {
+                str(i): {str(d): n for d, n in f.items()} for i, f in dims.items()
+            }
+        return program
     try:
-        return torch.export.export(_strip(gm), inputs)
+        return torch.export.export(model, inputs)
     except Exception as exc:
         raise GraphoptError(
             f"torch.export cannot export the optimised model ({first_line(exc)}); choose another "
@@ -82,8 +107,31 @@ def _export(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> torch.export.Exporte
         ) from None
 
 
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """Silence torch.export's logged advice while a free dim is only being tried."""
+    loggers = [logging.getLogger(n) for n in _EXPORT_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+_EXPORT_LOGGERS = (
+    "torch",
+    "torch.export",
+    "torch._dynamo",
+    "torch._subclasses.fake_tensor",
+    "torch.fx.experimental.symbolic_shapes",
+)
+
+
 def _write_pt2(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: dict) -> None:
-    program = _export(gm, inputs)
+    program = export_program(gm, inputs, meta)
     torch.export.save(program, path, extra_files={METADATA_NAME: json.dumps(meta)})
 
 
@@ -172,7 +220,7 @@ def _import_line(name: str, value: Any) -> str:
 
 
 def _write_folder(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: dict) -> None:
-    program = _export(gm, inputs)
+    program = export_program(gm, inputs, meta)
     sig = program.graph_signature
     graph_module = program.graph_module
     state = dict(program.state_dict)
@@ -285,8 +333,9 @@ def write_onnx(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: dic
     quiet = logging.getLogger("onnxscript")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
+    exported = export_program(gm, inputs, meta)
     try:
-        program = torch.onnx.export(_strip(gm), inputs, dynamo=True, verbose=False)
+        program = torch.onnx.export(exported, inputs, dynamo=True, verbose=False)
         assert program is not None
         model = program.model_proto
     except Exception as exc:
@@ -470,6 +519,7 @@ def lower(
     ``example_inputs`` when the caller has just run it (:attr:`graphopt.Result.outputs`);
     without it the check runs ``gm`` again."""
     out = os.fspath(out)
+    metadata = dict(metadata)  # a writer records the dims it left free in its own copy
     exporter = check_output(out, exporters, format)
     if exporter.check is not None:
         exporter.check(gm)
@@ -491,6 +541,17 @@ def lower(
         owner = _plugin_of(exporter, exporters)
         _check_one_artifact(exporter, owner, tmp_root, os.path.basename(target))
         check = verify(exporter, tmp, gm, example_inputs, owner=owner, expected=expected)
+        free = metadata.get(DYNAMIC_DIMS)
+        if free:
+            dims = {int(i): {int(d): n for d, n in f.items()} for i, f in free.items()}
+            other = varied(example_inputs, dims)
+            again = verify(exporter, tmp, gm, other, owner=owner)
+            check["free_dims"] = sorted({n for f in dims.values() for n in f.values()})
+            check["also_checked_at"] = {
+                n: other[i].shape[d] for i, f in dims.items() for d, n in f.items()
+            }
+            check["rel_err"] = max(check["rel_err"], again["rel_err"])
+            check["max_abs_err"] = max(check["max_abs_err"], again["max_abs_err"])
         _replace(tmp, target, exporter.directory)
         return check
     finally:

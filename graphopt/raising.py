@@ -235,7 +235,11 @@ class _Raiser:
         name = _node_name(node, call)
         new = self.graph.create_node(call.op, call.target, call.args, call.kwargs, name=name)
         new.meta[NAME] = name
-        new.meta["export_stack"] = dict(node.meta.get("nn_module_stack") or {})
+        new.meta["export_stack"] = {
+            k: v
+            for k, v in (node.meta.get("nn_module_stack") or {}).items()
+            if not (isinstance(v, tuple) and str(v[0]).startswith(_NO_MODULE))
+        }
         self.order[new] = len(self.order)
         for key in new.meta["export_stack"]:
             self.scopes.setdefault(key, []).append(new)
@@ -361,8 +365,9 @@ class _Raiser:
         in_nodes = {v for v in inputs if isinstance(v, fx.Node)}
         for member in group:
             for arg in member.all_input_nodes:
-                if arg not in group and arg not in in_nodes and arg.op != "get_attr":
-                    return  # the call reads something it was not given: not one module call
+                if arg in group or arg in in_nodes or arg.op == "get_attr" or _is_size(arg):
+                    continue  # a free dim's size: the module reads it from its own inputs
+                return  # the call reads something it was not given: not one module call
             outside = [u for u in member.users if u not in group]
             if outside and member not in produced:
                 return
@@ -570,9 +575,15 @@ def _slice(a: dict[str, Any], node: fx.Node) -> _Call | None:
     if prefix is None:
         return None
     start, end, step = a.get("start"), a.get("end"), a.get("step", 1)
+    if any(isinstance(v, fx.Node) for v in (start, end, step)):  # a bound set by a free dim
+        if start in (None, 0) and step == 1 and isinstance(end, fx.Node):
+            # narrow, not a slice object: a pickled graph is traced again on loading, and
+            # a slice cannot carry a traced size into a stored tensor's indexing
+            return _fn(torch.narrow, a["self"], a.get("dim", 0), 0, end)
+        return None
     item = slice(
         None if start in (None, 0) else start,
-        None if end is None or end >= _INT_MAX else end,
+        None if end is None or (isinstance(end, int) and end >= _INT_MAX) else end,
         None if step == 1 else step,
     )
     return _fn(operator.getitem, a["self"], (*prefix, item) if prefix else item)
@@ -1329,9 +1340,22 @@ def _graph_module(objects: dict[str, Any], graph: fx.Graph, name: str) -> fx.Gra
 # -- names and module stacks -------------------------------------------------------------------
 
 
+def _is_size(node: fx.Node) -> bool:
+    """Whether ``node`` computes a size of a free dim (a symbolic int, no data)."""
+    return isinstance(node.meta.get("val"), torch.SymInt)
+
+
 def _innermost(stack: dict[str, Any]) -> str:
-    paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v[0]]
+    paths = [
+        v[0]
+        for v in stack.values()
+        if isinstance(v, tuple) and v[0] and not v[0].startswith(_NO_MODULE)
+    ]
     return paths[-1] if paths else ""
+
+
+#: torch.export's stand-in scope for nodes made outside any module (a free dim's size)
+_NO_MODULE = "_empty_nn_module_stack"
 
 
 def _node_name(node: fx.Node, call: _Call) -> str:

@@ -196,7 +196,8 @@ def test_the_plugin_guides_commands_run(guide_plugin, tmp_path):
                        "--data", "guide_data:batches", "--passes", pipeline, "-o", str(out),
                        "--report-json", str(tmp_path / "report.json"), env=env)  # fmt: skip
     assert run.code == 0, run.stderr
-    assert "wrote" in run.stdout and "(zip)" in run.stdout and "modules replaced: 9" in run.stdout
+    assert "wrote" in run.stdout and "(zip; free dims: batch)" in run.stdout
+    assert "modules replaced: 9" in run.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     steps = [e["step"] for e in report["ledger"]]
     assert steps[1:] == ["swap-activation", "prune(ratio=0.25,criterion=l4)",

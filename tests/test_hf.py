@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 import graphopt
+import graphopt.lowering
 from graphopt.ir import GraphIR
 from graphopt.loading import example_inputs, load_model
+from graphopt.plugins import get_registry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,6 +34,7 @@ FAMILIES = {
     "convnext": "hidden_sizes=[16,32,64,128]&depths=[1,1,1,1]&image_size=64",
 }
 TOKENS = (1, 16)
+REGISTRY = get_registry()
 aten = torch.ops.aten
 #: ATen layer ops that must have been raised to a module call or a torch function
 LAYER_OPS = {
@@ -127,17 +130,32 @@ def test_top1_and_primary_output_of_a_model_output():
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_token_models_lower_to_onnx_and_a_reloadable_pt(family, tmp_path):
     one_layer = spec_of(family).replace("num_hidden_layers=2", "num_hidden_layers=1")
-    _, ir, _ = capture(one_layer)
+    model, ir, names = capture(one_layer)
     for suffix in (".onnx", ".pt"):
         out = tmp_path / f"{family}{suffix}"
         graphopt.optimize(ir, "cleanup", output=out)
         assert out.exists()
+    # the capture leaves batch and sequence free, and so does the ONNX artifact: it runs at
+    # a size neither the example (1, 16) nor the export saw, as the eager model does
+    meta = graphopt.lowering.read_metadata(str(tmp_path / f"{family}.onnx"), REGISTRY.exporters)
+    assert meta is not None and meta["dynamic_dims"]["0"] == {"0": "batch", "1": "sequence"}
+    ids = torch.randint(0, 1000, (3, 21), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(3, 21, dtype=torch.int64)
+    mask[1, 15:] = 0  # one padded row
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / f"{family}.onnx"))
+    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), (ids, mask), strict=True)}
+    got = torch.from_numpy(session.run(None, feeds)[0])
+    with torch.no_grad():
+        want = model(**dict(zip(names, (ids, mask), strict=True)))
+    torch.testing.assert_close(got, want.logits, rtol=1e-4, atol=1e-4)
     if family != "llama":
         return
-    # in a fresh process the pickled graph rebuilds the model's own output type
+    # in a fresh process the pickled graph rebuilds the model's own output type, at any size
     code = (
         "import sys, torch; m = torch.load(sys.argv[1], weights_only=False); "
-        "out = m(torch.randint(0, 1000, (1, 16)), torch.ones(1, 16, dtype=torch.int64)); "
+        "out = m(torch.randint(0, 1000, (2, 9)), torch.ones(2, 9, dtype=torch.int64)); "
         "print(type(out).__name__, tuple(out.logits.shape))"
     )
     run = subprocess.run(
@@ -148,6 +166,7 @@ def test_token_models_lower_to_onnx_and_a_reloadable_pt(family, tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split()[0] == "CausalLMOutputWithPast"
+    assert run.stdout.split()[1:3] == ["(2,", "9,"]
 
 
 def test_hf_spec_errors_are_one_sentence(tmp_path):

@@ -222,19 +222,54 @@ class _DataDependentGate(torch.nn.Module):
 
 
 def test_error_text_carries_no_terminal_escape_codes(tmp_path):
-    """A real failure whose message torch colours: the ONNX exporter's 'step 1/3' when
-    torch.export cannot export a module fx kept opaque."""
+    """A real failure whose message torch colours (the ONNX exporter's 'step 1/3' when
+    torch.export cannot export a module fx kept opaque): graphopt's sentence for it has no
+    escape codes, whether torch's own export or the ONNX exporter's is what fails."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), _DataDependentGate()).eval()
     ir = graphopt.trace(model, (torch.randn(2, 4),), leaf_modules=["_DataDependentGate"])
     with pytest.raises(Exception) as raw:
         torch.onnx.export(ir.gm, ir.example_inputs, dynamo=True, verbose=False)
     assert "\x1b[" in str(raw.value)  # torch's own message is coloured
-    with pytest.raises(graphopt.GraphoptError) as info:
-        lower(ir.gm, ir.example_inputs, str(tmp_path / "m.onnx"), {}, EXPORTERS)
-    text = str(info.value)
-    assert "This is step 1/3 of exporting the model to ONNX" in text and "\x1b" not in text
     assert graphopt.errors.first_line(raw.value) == (
         "Failed to export the model with torch.export. This is step 1/3 of exporting the "
         "model to ONNX. Next steps:"
     )
+    with pytest.raises(graphopt.GraphoptError) as info:
+        lower(ir.gm, ir.example_inputs, str(tmp_path / "m.onnx"), {}, EXPORTERS)
+    text = str(info.value)
+    assert "torch.export cannot export the optimised model" in text and "\x1b" not in text
+    assert "data-dependent" in text
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2", "/"])
+def test_artifacts_leave_the_batch_free_and_are_checked_at_another_size(block, tmp_path, suffix):
+    """The residual/split/concat/grouped/depthwise/attention/shared block, traced at batch
+    2, is written with a free batch dim; the artifact runs at batch 5 as the eager block."""
+    ir = graphopt.trace(block, (torch.randn(2, 3, 8, 8),))
+    out = str(tmp_path / "m") + suffix
+    check = lower(ir.gm, ir.example_inputs, out, {}, EXPORTERS)
+    assert check["free_dims"] == ["batch"] and check["also_checked_at"] == {"batch": 3}
+    assert read_metadata(out, EXPORTERS)["dynamic_dims"] == {"0": {"0": "batch"}}
+    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    exporter = EXPORTERS[{".onnx": "onnx", ".pt2": "pt2", "/": "folder"}[suffix]]
+    got = exporter.load(out)(x)
+    got = got[0] if isinstance(got, list | tuple) else got
+    with torch.no_grad():
+        torch.testing.assert_close(got, block(x), rtol=1e-4, atol=1e-4)
+
+
+class _FixedBatch(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x.view(2, -1))  # the batch is written into the graph
+
+
+def test_a_graph_that_fixes_the_batch_is_written_with_the_examples_shape(tmp_path):
+    ir = graphopt.trace(_FixedBatch().eval(), (torch.randn(2, 2, 4),))
+    check = lower(ir.gm, ir.example_inputs, str(tmp_path / "m.pt2"), {}, EXPORTERS)
+    assert "free_dims" not in check and check["rel_err"] < 1e-6
+    assert "dynamic_dims" not in read_metadata(str(tmp_path / "m.pt2"), EXPORTERS)

@@ -519,8 +519,8 @@ def _check_runs(student: nn.Module, teacher: nn.Module, inputs: tuple[Any, ...])
             raise GraphoptError(
                 f"the {role} does not run on a training batch of shape {shapes} "
                 f"({first_line(exc)}); give batches the model accepts (a graph captured by "
-                "torch.export, such as a transformers model's, takes only the batch shape it "
-                "was captured with: capture it with --input-shape matching the batches)"
+                "torch.export whose code fixes its batch or length takes only the shape it was "
+                "captured with: capture it with --input-shape matching the batches)"
             ) from None
 
 

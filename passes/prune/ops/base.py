@@ -60,6 +60,10 @@ class Resize:
             v = v[item]
         return int(v.shape[d])
 
+    def changed(self, node: fx.Node, d: int) -> bool:
+        """Whether dim ``d`` of ``node``'s value lost elements."""
+        return self.g.key(node, d) in self.masks
+
     def kept_before(self, node: fx.Node, d: int, index: int) -> int:
         """How many of the indices below ``index`` along dim ``d`` of ``node`` are kept."""
         key = self.g.key(node, d)

@@ -470,10 +470,11 @@ def _rewrite_index(node: fx.Node, sizes: Resize) -> None:
 
 def _rewrite_narrow(node: fx.Node, sizes: Resize) -> None:
     src = node_arg(node)
-    dim = int_arg(node, 1, "dim")
+    d = int_arg(node, 1, "dim") % val(src).dim()
+    if not sizes.changed(src, d):  # e.g. a token model's positions cut to a free length
+        return
     start = int_arg(node, 2, "start")
     length = int_arg(node, 3, "length")
-    d = dim % val(src).dim()
     new_start = sizes.kept_before(src, d, start)
     set_arg(node, 2, "start", new_start)
     set_arg(node, 3, "length", sizes.kept_before(src, d, start + length) - new_start)
