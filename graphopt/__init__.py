@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -20,7 +20,8 @@ from .extensions import Analysis, Criterion, CriterionInput, Exporter, LossFn, L
 from .hookspecs import hookimpl, hookspec
 from .ir import ORIGIN, GraphIR, NodeCost
 from .loading import ModelSpec, load_ir
-from .lowering import lower, read_metadata
+from .lowering import lower
+from .lowering import read_metadata as _read_metadata
 from .manager import LedgerEntry, PassManager, Result
 from .measuring import Deviation, deviation, run_model
 from .outputs import primary_output
@@ -87,6 +88,16 @@ __all__ = [
     "split_batch",
     "trace",
 ]
+
+
+def read_metadata(
+    path: str | os.PathLike[str], exporters: Mapping[str, Exporter] | None = None
+) -> dict[str, Any] | None:
+    """The graphopt metadata stored in an artifact (pipeline, ledger, versions, the dims it
+    leaves free), read by the output format its path names: ``exporters``, else those of the
+    registry in effect (plugins' formats included); None if it has none."""
+    table = registry_in_effect().exporters if exporters is None else exporters
+    return _read_metadata(os.fspath(path), table)
 
 
 def trace(

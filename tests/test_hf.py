@@ -16,7 +16,6 @@ import graphopt
 import graphopt.lowering
 from graphopt.ir import GraphIR
 from graphopt.loading import example_inputs, load_model
-from graphopt.plugins import get_registry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +33,6 @@ FAMILIES = {
     "convnext": "hidden_sizes=[16,32,64,128]&depths=[1,1,1,1]&image_size=64",
 }
 TOKENS = (1, 16)
-REGISTRY = get_registry()
 aten = torch.ops.aten
 #: ATen layer ops that must have been raised to a module call or a torch function
 LAYER_OPS = {
@@ -137,7 +135,7 @@ def test_token_models_lower_to_onnx_and_a_reloadable_pt(family, tmp_path):
         assert out.exists()
     # the capture leaves batch and sequence free, and so does the ONNX artifact: it runs at
     # a size neither the example (1, 16) nor the export saw, as the eager model does
-    meta = graphopt.lowering.read_metadata(str(tmp_path / f"{family}.onnx"), REGISTRY.exporters)
+    meta = graphopt.read_metadata(tmp_path / f"{family}.onnx")
     assert meta is not None and meta["dynamic_dims"]["0"] == {"0": "batch", "1": "sequence"}
     ids = torch.randint(0, 1000, (3, 21), generator=torch.Generator().manual_seed(3))
     mask = torch.ones(3, 21, dtype=torch.int64)
