@@ -620,6 +620,7 @@ def part_hf(models: list[str], repeat: int, tmp: str) -> None:
         count: dict[str, int] = {}
         for label, pipe in (
             ("graphopt quant", "quant"),
+            ("graphopt quant(min_sqnr=0)", "quant(min_sqnr=0)"),  # torch.ao's layers, all int8
             ("graphopt quant(reduce_range=false)", "quant(reduce_range=false)"),
         ):
             paths[label] = os.path.join(tmp, f"hf_{len(paths)}.pt")

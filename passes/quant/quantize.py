@@ -120,8 +120,9 @@ class Quant(graphopt.Pass):
         per_channel: bool = graphopt.option(True, "one weight scale per output channel")
         reduce_range: bool = graphopt.option(
             True,
-            "7-bit activations (static and dynamic), so int8 kernels on CPUs without VNNI "
-            "cannot overflow; false: 8-bit, more accurate, for VNNI/AMX CPUs",
+            "7-bit activations (static and dynamic; 7-bit weights in ONNX dynamic int8), so "
+            "int8 kernels on CPUs without VNNI cannot overflow; false: 8-bit, more accurate, "
+            "for VNNI/AMX CPUs",
         )
         onnx_int8: bool = graphopt.option(
             False, "form=qdq: signed int8 activations instead of uint8 (S8S8 in onnxruntime)"
