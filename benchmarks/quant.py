@@ -27,6 +27,9 @@ Parts (``--part NAME``, several allowed; default all):
 * ``hf-onnx``: BERT's and GPT-2's int8 ``.onnx`` from plain ``quant`` (dynamic int8 as
   ``DynamicQuantizeLinear`` + ``MatMulInteger``) against onnxruntime's ``quantize_dynamic``
   and ``quantize_static`` on the same fp32 export, all run by onnxruntime.
+* ``hf-ao``: like for like, graphopt's dynamic int8 with every Linear in int8 against
+  torch.ao's ``quantize_dynamic`` on the same layers (BERT, GPT-2 at 128 tokens; the Llama
+  decoder at 1 and 16 tokens), two models timed interleaved.
 * ``digits``: accuracy on real data (scikit-learn's digits) of the float CNN, ``quant``,
   and ``quant(max_drop=…)``.
 * ``sqnr``: output SQNR and artifact size of plain ``quant`` across five torchvision models.
@@ -789,6 +792,41 @@ def part_hf_decode(spec: str, repeat: int, tmp: str) -> None:
     print(f"{spec}; SQNR of the logits on 8 held-out random prompts")
 
 
+def part_hf_ao(repeat: int) -> None:
+    """Like for like: graphopt's dynamic int8 with every Linear in int8 (``quant(min_sqnr=0)``:
+    the accuracy target off, so the same layers as torch.ao) against torch.ao's
+    ``quantize_dynamic`` on the HF module with GPT-2's ``Conv1D`` made ``nn.Linear``; two
+    models timed interleaved, so the ratio holds under a shared machine's load."""
+    from graphopt.passes.quant.expand import linear_modules
+    from torch.ao.quantization import quantize_dynamic
+
+    print("\n## like for like: graphopt quant(min_sqnr=0) vs torch.ao quantize_dynamic, the")
+    print("   same Linears in int8 (7-bit activations, fbgemm), batch 1")
+    print(f"{'model':30} {'tokens':>6} {'graphopt ms':>11} {'torch.ao ms':>11} {'ao/go':>6} "
+          f"{'SQNR go':>8} {'SQNR ao':>8}")  # fmt: skip
+    for spec, length in (
+        (HF_MODELS[0], 128),
+        (HF_MODELS[1], 128),
+        (HF_DECODER, 1),
+        (HF_DECODER, 16),
+    ):
+        hf = hf_model(spec, length)
+        with torch.no_grad():
+            ref = torch.cat([hf.call(hf.module)(*b) for b in hf.test])
+        go = graphopt.optimize(hf.trace(), "quant(min_sqnr=0)").ir.gm
+        same = copy.deepcopy(hf.module)
+        linear_modules(same)
+        ao = quantize_dynamic(same, {nn.Linear}, dtype=torch.qint8)
+        runs = {"go": go, "ao": ao}
+        t = interleaved({k: no_grad(hf.call(m), *hf.example) for k, m in runs.items()}, repeat)
+        name = "llama 4×1024" if spec == HF_DECODER else spec
+        print(
+            f"{name:30} {length:6} {t['go'] * 1e3:11.2f} {t['ao'] * 1e3:11.2f} "
+            f"{t['ao'] / t['go']:6.3f} {_hf_sqnr(hf, go, ref):8.1f} {_hf_sqnr(hf, ao, ref):8.1f}"
+        )
+    print("ao/go = torch.ao time / graphopt time (≥ 1: graphopt at least as fast)")
+
+
 # -- part digits ---------------------------------------------------------------------------------
 
 
@@ -870,7 +908,7 @@ def cpu_name() -> str:
     return f"{name}, {'VNNI: ' + ' '.join(vnni) if vnni else 'no VNNI'}"
 
 
-PARTS = ("torch", "vit", "onnx", "target", "token", "hf", "hf-onnx", "digits", "sqnr")
+PARTS = ("torch", "vit", "onnx", "target", "token", "hf", "hf-onnx", "hf-ao", "digits", "sqnr")
 
 
 def main() -> None:
@@ -916,6 +954,8 @@ def main() -> None:
                 part_hf_decode(HF_DECODER, args.repeat, tmp)
             elif part == "hf-onnx":
                 part_hf_onnx(args.models or HF_MODELS, args.repeat, tmp)
+            elif part == "hf-ao":
+                part_hf_ao(args.repeat)
             elif part == "digits":
                 part_digits()
             else:
