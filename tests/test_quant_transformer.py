@@ -430,3 +430,22 @@ def test_timm_eca_conv1d_quantizes():
     result = run(model, x, data=images((2, 3, 32, 32)))
     assert "quantized.conv1d.default" in targets(result.ir.gm)
     assert out_sqnr(model, result.ir.gm, x) > 25
+
+
+def test_dynamic_onnx_says_lstm_stays_float(tmp_path):
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm, self.head = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.lstm(x)[0])
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    result = graphopt.optimize(
+        Tagger().eval(), "quant(mode=dynamic)", example_inputs=(x,), output=tmp_path / "m.onnx"
+    )
+    notes = result.ledger[-1].notes
+    assert any("1 LSTM call(s) stay float in ONNX" in n for n in notes), notes
+    assert quant_report(result.ir.gm).quantized == ["head"]  # type: ignore[union-attr]
