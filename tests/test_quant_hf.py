@@ -132,6 +132,7 @@ def test_dynamic_int8_onnx_runs_integer_kernels_in_onnxruntime(family, loaded, t
     path, fp32, theirs = (str(tmp_path / f) for f in ("m.onnx", "fp32.onnx", "ort.onnx"))
     result = graphopt.optimize(ir, "quant(reduce_range=false)", output=path)
     assert any("picked form=onnx" in n for n in result.ledger[-1].notes)
+    assert result.ledger[-1].macs == result.ledger[0].macs  # int8 Linears' MACs still count
     ops = [n.op_type for n in onnx.load(path).graph.node]
     n_linears = len(quant_report(result.ir.gm).quantized)  # type: ignore[union-attr]
     # one DynamicQuantizeLinear per distinct input (BERT's query, key and value share one)

@@ -21,9 +21,11 @@ onnxruntime fuses into one ``DynamicQuantizeMatMul`` kernel (per-column scales i
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 __all__ = ["DYNAMIC_LINEAR", "TRANSLATIONS", "dynamic_linear_int8"]
 
@@ -47,6 +49,12 @@ def _(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[1]))
+
+
+@register_flop_formula(torch.ops.graphopt.dynamic_linear_int8)
+def _flops(x: Any, weight: Any, *args: Any, **kwargs: Any) -> int:
+    """What torch's FLOP counter (and so graphopt's MAC count) charges for one call."""
+    return 2 * math.prod(x[:-1]) * weight[0] * weight[1]
 
 
 def _onnx_dynamic_linear(x: Any, weight: Any, scale: Any, bias: Any = None) -> Any:
