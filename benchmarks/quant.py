@@ -23,8 +23,13 @@ Parts (``--part NAME``, several allowed; default all):
 * ``hf``: Hugging Face BERT and GPT-2 (``hf:`` sources, small configurations): plain
   ``quant`` (dynamic int8) against ``torch.ao.quantization.quantize_dynamic`` on the same
   module (as is, and with GPT-2's ``Conv1D`` made ``nn.Linear`` so that it quantizes them
-  too); BERT's int8 ``.onnx`` against onnxruntime's quantizers on the same fp32 export; and
-  weight-only int8/int4 on a Llama decoder (one token, a 16-token prompt).
+  too); and weight-only int8/int4 on a Llama decoder (one token, a 16-token prompt).
+* ``hf-onnx``: BERT's and GPT-2's int8 ``.onnx`` from plain ``quant`` (dynamic int8 as
+  ``DynamicQuantizeLinear`` + ``MatMulInteger``) against onnxruntime's ``quantize_dynamic``
+  and ``quantize_static`` on the same fp32 export, all run by onnxruntime.
+* ``hf-ao``: like for like, graphopt's dynamic int8 with every Linear in int8 against
+  torch.ao's ``quantize_dynamic`` on the same layers (BERT, GPT-2 at 128 tokens; the Llama
+  decoder at 1 and 16 tokens), two models timed interleaved.
 * ``digits``: accuracy on real data (scikit-learn's digits) of the float CNN, ``quant``,
   and ``quant(max_drop=…)``.
 * ``sqnr``: output SQNR and artifact size of plain ``quant`` across five torchvision models.
@@ -618,6 +623,7 @@ def part_hf(models: list[str], repeat: int, tmp: str) -> None:
         count: dict[str, int] = {}
         for label, pipe in (
             ("graphopt quant", "quant"),
+            ("graphopt quant(min_sqnr=0)", "quant(min_sqnr=0)"),  # torch.ao's layers, all int8
             ("graphopt quant(reduce_range=false)", "quant(reduce_range=false)"),
         ):
             paths[label] = os.path.join(tmp, f"hf_{len(paths)}.pt")
@@ -658,8 +664,9 @@ def _feeds(session: Any, inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
 
 
 def ort_quantized_tokens(fp32_path: str, calib: list, tmp: str) -> dict[str, str]:
-    """onnxruntime's dynamic and static (QDQ, per-channel, MinMax) quantization of a token
-    model's fp32 export, after its recommended pre-processing."""
+    """onnxruntime's dynamic (its defaults, and with ``reduce_range``: 7-bit weights) and
+    static (QDQ, per-channel, MinMax) quantization of a token model's fp32 export, after its
+    recommended pre-processing."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -674,6 +681,10 @@ def ort_quantized_tokens(fp32_path: str, calib: list, tmp: str) -> dict[str, str
     prepared = os.path.join(tmp, "hf_prepared.onnx")
     quant_pre_process(fp32_path, prepared)
     quantize_dynamic(prepared, paths["ort dynamic"], weight_type=QuantType.QInt8)
+    quantize_dynamic(
+        prepared, paths["ort dynamic reduce_range"], weight_type=QuantType.QInt8,
+        reduce_range=True,
+    )  # fmt: skip
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -688,18 +699,24 @@ def ort_quantized_tokens(fp32_path: str, calib: list, tmp: str) -> dict[str, str
     return paths
 
 
-ORT_VARIANTS = ("ort dynamic", "ort static")
-#: the Hugging Face models of the ONNX table of ``--part hf``
-HF_ONNX_MODELS = ["hf:bert?num_hidden_layers=4"]
+ORT_VARIANTS = ("ort dynamic", "ort dynamic reduce_range", "ort static")
+#: graphopt's rows of the ONNX table of ``--part hf``
+GRAPHOPT_ONNX = {
+    "graphopt quant": "quant",
+    "graphopt quant(reduce_range=false)": "quant(reduce_range=false)",
+    "graphopt quant(mode=static)": "quant(mode=static)",
+}
 
 
 def part_hf_onnx(models: list[str], repeat: int, tmp: str) -> None:
-    """graphopt's int8 ``.onnx`` of a Hugging Face token model (plain ``quant``: static QDQ,
-    calibrated on the same batches) against onnxruntime's quantizers on the same export."""
+    """graphopt's int8 ``.onnx`` of a Hugging Face token model (plain ``quant``: dynamic int8
+    as ``DynamicQuantizeLinear`` + ``MatMulInteger``; static QDQ for reference, calibrated on
+    the same batches as onnxruntime's static quantizer) against onnxruntime's quantizers on
+    the same fp32 export."""
     print("\n## Hugging Face token models in onnxruntime: graphopt quant → .onnx vs onnxruntime's")
     print("   quantize_dynamic and quantize_static (QDQ) on the same fp32 export; 128 tokens")
-    print(f"{'model':30} {'variant':30} {'ms':>7} {'vs fp32':>7} {'vs best ort':>11} "
-          f"{'SQNR dB':>8} {'MB':>6}")  # fmt: skip
+    print(f"{'model':30} {'variant':34} {'ms':>7} {'vs fp32':>7} {'ort dyn/this':>12} "
+          f"{'ort stat/this':>13} {'SQNR dB':>8} {'MB':>6}")  # fmt: skip
     for spec in models:
         hf = hf_model(spec)
         with torch.no_grad():
@@ -707,27 +724,23 @@ def part_hf_onnx(models: list[str], repeat: int, tmp: str) -> None:
         paths = {"fp32": os.path.join(tmp, "hf_fp32.onnx")}
         graphopt.optimize(hf.trace(), "cleanup", output=paths["fp32"])
         paths.update(ort_quantized_tokens(paths["fp32"], hf.calib, tmp))
-        for label, pipe in (
-            ("graphopt quant", "quant"),
-            ("graphopt quant(reduce_range=false)", "quant(reduce_range=false)"),
-        ):
+        for label, pipe in GRAPHOPT_ONNX.items():
             paths[label] = os.path.join(tmp, f"hf_go_{len(paths)}.onnx")
             graphopt.optimize(hf.trace(), pipe, data=hf.calib, output=paths[label])
         sessions = {k: _session(p) for k, p in paths.items()}
         feeds = {k: _feeds(s, hf.example) for k, s in sessions.items()}
         t = interleaved({k: partial(s.run, None, feeds[k]) for k, s in sessions.items()}, repeat)
-        best_ort = min(t[k] for k in ORT_VARIANTS)
         for k, s in sessions.items():
             got = torch.cat([torch.from_numpy(s.run(None, _feeds(s, b))[0]) for b in hf.test])
             print(
-                f"{spec:30} {k:30} {t[k] * 1e3:7.2f} {t['fp32'] / t[k]:7.2f} "
-                f"{best_ort / t[k]:11.2f} {sqnr_db(ref, got):8.1f} "
-                f"{file_size(paths[k]) / 1e6:6.1f}"
+                f"{spec:30} {k:34} {t[k] * 1e3:7.2f} {t['fp32'] / t[k]:7.2f} "
+                f"{t['ort dynamic'] / t[k]:12.2f} {t['ort static'] / t[k]:13.2f} "
+                f"{sqnr_db(ref, got):8.1f} {file_size(paths[k]) / 1e6:6.1f}"
             )
     print(
-        "calibration (graphopt and ort static): the same 4 random sequences; SQNR of the "
-        "logits against PyTorch fp32 on 8 held-out ones; 'vs best ort' = the faster "
-        "onnxruntime quantizer's time / this time"
+        "ort dyn/this, ort stat/this: onnxruntime quantize_dynamic's (static's) time / this "
+        "time (≥ 1: this is at least as fast); calibration (static rows): the same 4 random "
+        "sequences; SQNR of the logits against PyTorch fp32 on 8 held-out ones"
     )
 
 
@@ -777,6 +790,41 @@ def part_hf_decode(spec: str, repeat: int, tmp: str) -> None:
                 f"{file_size(paths[k]) / 1e6:7.1f}"
             )
     print(f"{spec}; SQNR of the logits on 8 held-out random prompts")
+
+
+def part_hf_ao(repeat: int) -> None:
+    """Like for like: graphopt's dynamic int8 with every Linear in int8 (``quant(min_sqnr=0)``:
+    the accuracy target off, so the same layers as torch.ao) against torch.ao's
+    ``quantize_dynamic`` on the HF module with GPT-2's ``Conv1D`` made ``nn.Linear``; two
+    models timed interleaved, so the ratio holds under a shared machine's load."""
+    from graphopt.passes.quant.expand import linear_modules
+    from torch.ao.quantization import quantize_dynamic
+
+    print("\n## like for like: graphopt quant(min_sqnr=0) vs torch.ao quantize_dynamic, the")
+    print("   same Linears in int8 (7-bit activations, fbgemm), batch 1")
+    print(f"{'model':30} {'tokens':>6} {'graphopt ms':>11} {'torch.ao ms':>11} {'ao/go':>6} "
+          f"{'SQNR go':>8} {'SQNR ao':>8}")  # fmt: skip
+    for spec, length in (
+        (HF_MODELS[0], 128),
+        (HF_MODELS[1], 128),
+        (HF_DECODER, 1),
+        (HF_DECODER, 16),
+    ):
+        hf = hf_model(spec, length)
+        with torch.no_grad():
+            ref = torch.cat([hf.call(hf.module)(*b) for b in hf.test])
+        go = graphopt.optimize(hf.trace(), "quant(min_sqnr=0)").ir.gm
+        same = copy.deepcopy(hf.module)
+        linear_modules(same)
+        ao = quantize_dynamic(same, {nn.Linear}, dtype=torch.qint8)
+        runs = {"go": go, "ao": ao}
+        t = interleaved({k: no_grad(hf.call(m), *hf.example) for k, m in runs.items()}, repeat)
+        name = "llama 4×1024" if spec == HF_DECODER else spec
+        print(
+            f"{name:30} {length:6} {t['go'] * 1e3:11.2f} {t['ao'] * 1e3:11.2f} "
+            f"{t['ao'] / t['go']:6.3f} {_hf_sqnr(hf, go, ref):8.1f} {_hf_sqnr(hf, ao, ref):8.1f}"
+        )
+    print("ao/go = torch.ao time / graphopt time (≥ 1: graphopt at least as fast)")
 
 
 # -- part digits ---------------------------------------------------------------------------------
@@ -860,7 +908,7 @@ def cpu_name() -> str:
     return f"{name}, {'VNNI: ' + ' '.join(vnni) if vnni else 'no VNNI'}"
 
 
-PARTS = ("torch", "vit", "onnx", "target", "token", "hf", "digits", "sqnr")
+PARTS = ("torch", "vit", "onnx", "target", "token", "hf", "hf-onnx", "hf-ao", "digits", "sqnr")
 
 
 def main() -> None:
@@ -903,8 +951,11 @@ def main() -> None:
                 part_token(args.repeat, tmp)
             elif part == "hf":
                 part_hf(args.models or HF_MODELS, args.repeat, tmp)
-                part_hf_onnx(args.models or HF_ONNX_MODELS, args.repeat, tmp)
                 part_hf_decode(HF_DECODER, args.repeat, tmp)
+            elif part == "hf-onnx":
+                part_hf_onnx(args.models or HF_MODELS, args.repeat, tmp)
+            elif part == "hf-ao":
+                part_hf_ao(args.repeat)
             elif part == "digits":
                 part_digits()
             else:

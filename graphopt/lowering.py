@@ -42,6 +42,7 @@ from .measuring import deviation, run_model
 
 __all__ = [
     "ARTIFACT_TOLERANCE",
+    "ONNX_TRANSLATIONS",
     "Exporter",
     "check_output",
     "load_folder",
@@ -57,6 +58,10 @@ METADATA_NAME = "graphopt.json"
 #: largest relative error it accepts between the artifact and the in-memory model (e.g. an
 #: int8 model that another runtime's int8 kernels round differently)
 ARTIFACT_TOLERANCE = "graphopt.artifact_tolerance"
+#: ``GraphModule.meta`` key a pass may set to a dict mapping the custom ops it put in the graph
+#: to their ONNX translations (onnxscript functions), passed to ``torch.onnx.export`` as its
+#: ``custom_translation_table``
+ONNX_TRANSLATIONS = "graphopt.onnx_translations"
 
 
 def _strip(gm: fx.GraphModule) -> fx.GraphModule:
@@ -335,7 +340,13 @@ def write_onnx(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: dic
     quiet.setLevel(logging.ERROR)
     exported = export_program(gm, inputs, meta)
     try:
-        program = torch.onnx.export(exported, inputs, dynamo=True, verbose=False)
+        program = torch.onnx.export(
+            exported,
+            inputs,
+            dynamo=True,
+            verbose=False,
+            custom_translation_table=gm.meta.get(ONNX_TRANSLATIONS) or None,
+        )
         assert program is not None
         model = program.model_proto
     except Exception as exc:

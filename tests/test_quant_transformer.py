@@ -371,13 +371,49 @@ def test_weight_only_matches_the_dequantized_reference(bits, group, tmp_path):
         assert any("int8 weights for" in n for n in result.ledger[-1].notes)
 
 
-def test_weight_only_and_dynamic_have_no_onnx_form_refused_before_work(tmp_path):
+def test_weight_only_and_aten_have_no_onnx_form_refused_before_work(tmp_path):
     model = nn.Sequential(nn.Linear(8, 8)).eval()
     x = torch.randn(2, 8)
-    for pipe in ("quant(mode=weight_only)", "quant(mode=dynamic)", "quant(form=aten)"):
+    for pipe in ("quant(mode=weight_only)", "quant(form=aten)"):
         with pytest.raises(GraphoptError, match="no ONNX operator"):
             graphopt.optimize(model, pipe, example_inputs=(x,), output=str(tmp_path / "m.onnx"))
+    for pipe, suffix in (("quant(form=onnx)", "m.pt"), ("quant(mode=dynamic,form=onnx)", "m.pt2")):
+        with pytest.raises(GraphoptError, match=r"only a \.onnx file holds"):
+            graphopt.optimize(model, pipe, example_inputs=(x,), output=str(tmp_path / suffix))
+    with pytest.raises(GraphoptError, match="has the form"):  # a vision model: static mode
+        graphopt.optimize(model, "quant(form=onnx)", example_inputs=(x,), data=[(x,)])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dynamic_onnx_form_matches_its_onnx_artifact(tmp_path):
+    """mode=dynamic → .onnx: the in-memory op and onnxruntime's integer kernels agree to
+    float rounding on a Linear model with 3-D inputs, shared inputs and no bias."""
+    import onnx
+
+    torch.manual_seed(0)
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(16, 8, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.a(x), torch.relu(self.b(x))], -1)
+
+    model = Two().eval()
+    x = torch.randn(2, 5, 16)
+    out = tmp_path / "m.onnx"
+    result = graphopt.optimize(model, "quant(mode=dynamic)", example_inputs=(x,), output=out)
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops and "MatMul" not in ops
+    with torch.no_grad():
+        got = result.ir.gm(x)
+    assert out_sqnr(model, result.ir.gm, x) > 30
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    ran = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    torch.testing.assert_close(ran, got, rtol=1e-4, atol=1e-4)
 
 
 # -- timm ECA: Conv1d -----------------------------------------------------------------------------
@@ -394,3 +430,22 @@ def test_timm_eca_conv1d_quantizes():
     result = run(model, x, data=images((2, 3, 32, 32)))
     assert "quantized.conv1d.default" in targets(result.ir.gm)
     assert out_sqnr(model, result.ir.gm, x) > 25
+
+
+def test_dynamic_onnx_says_lstm_stays_float(tmp_path):
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm, self.head = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.lstm(x)[0])
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    result = graphopt.optimize(
+        Tagger().eval(), "quant(mode=dynamic)", example_inputs=(x,), output=tmp_path / "m.onnx"
+    )
+    notes = result.ledger[-1].notes
+    assert any("1 LSTM call(s) stay float in ONNX" in n for n in notes), notes
+    assert quant_report(result.ir.gm).quantized == ["head"]  # type: ignore[union-attr]

@@ -16,13 +16,15 @@ qdq       float ops between quantize/dequantize pairs           every format; ON
                                                                 fuse it into int8 kernels
 aten      plain aten int8 kernels (``_int_mm``,                 ``.pt``, ``.pt2``, folder
           ``_weight_int8pack_mm``, ``_weight_int4pack_mm``)
+onnx      ONNX integer ops (``DynamicQuantizeLinear`` +         ``.onnx`` (and in memory)
+          ``MatMulInteger``), dynamic int8 only
 qat       trainable fake-quant                                  every format
 ========  ===================================================  ============================
 
 ``form=auto`` picks, from the output format the pipeline will write (``ctx.target_format``):
 the fastest form in PyTorch for ``.pt`` or no output (``int8``; ``aten`` for weight-only),
-``qdq`` for ``.onnx``, and the exportable form for ``.pt2``, folders and other formats
-(``qdq`` for static, ``aten`` for dynamic and weight-only).
+``qdq`` (static) or ``onnx`` (dynamic) for ``.onnx``, and the exportable form for ``.pt2``,
+folders and other formats (``qdq`` for static, ``aten`` for dynamic and weight-only).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ __all__ = ["FORMS_OF", "check_combination", "is_token_model", "pick_form"]
 #: the forms each mode has
 FORMS_OF = {
     "static": ("int8", "qdq", "qat"),
-    "dynamic": ("int8", "aten"),
+    "dynamic": ("int8", "aten", "onnx"),
     "weight_only": ("aten",),
 }
 #: formats written through torch.export / ONNX, which cannot hold fbgemm's packed weights
@@ -77,11 +79,18 @@ def check_combination(form: str, mode: str, target_format: str | None) -> None:
             f"hold, not {where}; drop form= (quant then picks the form {where} can hold) or "
             "write -o model.pt"
         )
-    if target_format == "onnx" and (form == "aten" or mode in ("dynamic", "weight_only")):
+    if target_format == "onnx" and (form == "aten" or mode == "weight_only"):
         what = f"form={form}" if form == "aten" else f"mode={mode}"
         raise GraphoptError(
             f"quant({what}) uses aten int8 kernels that have no ONNX operator; use plain quant "
-            "(static int8, QDQ in ONNX) for -o model.onnx, or write -o model.pt/.pt2"
+            "(int8 in ONNX: QDQ, or dynamic int8 for token models) for -o model.onnx, or "
+            "write -o model.pt/.pt2"
+        )
+    if form == "onnx" and target_format != "onnx":
+        raise GraphoptError(
+            f"quant(form=onnx) writes ONNX integer ops, which only a .onnx file holds, not "
+            f"{where}; drop form= (quant then picks the form {where} can hold) or write "
+            "-o model.onnx"
         )
 
 
@@ -94,7 +103,7 @@ def pick_form(form: str, mode: str, target_format: str | None) -> tuple[str, str
     if target_format in (None, "pt"):
         chosen = "int8"
     elif target_format == "onnx":
-        chosen = "qdq"  # mode is static here: dynamic .onnx is refused or re-planned
+        chosen = "qdq" if mode == "static" else "onnx"
     else:
         chosen = "qdq" if mode == "static" else "aten"
     if target_format is None:

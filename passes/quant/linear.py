@@ -8,6 +8,10 @@
   (``.pt2``, folder): each row (token) of the input gets its own symmetric int8 scale,
   ``torch._int_mm`` multiplies int8 by int8 into int32, and the result is rescaled by the
   row's and the output channel's scales.
+* Dynamic int8, ``form=onnx``: each Linear becomes ``graphopt::dynamic_linear_int8``, which
+  the ONNX exporter writes as ``DynamicQuantizeLinear`` + ``MatMulInteger`` + rescale
+  (uint8 activations over each tensor's own range, int8 weights per output channel; see
+  :mod:`graphopt.passes.quant.onnxops`).
 * Weight-only, ``mode=weight_only``: weights stored as int8 per output channel
   (``aten._weight_int8pack_mm``) or as int4 with one scale and offset per group of
   ``group_size`` inputs (``aten._weight_int4pack_mm_for_cpu``); activations stay float and
@@ -42,6 +46,7 @@ __all__ = [
     "INT4_GROUPS",
     "dynamic_aten",
     "dynamic_int8",
+    "dynamic_onnx",
     "int4_codes",
     "int4_fits",
     "linears",
@@ -219,6 +224,28 @@ def dynamic_aten(ir: GraphIR, skip: Callable[[fx.Node], bool]) -> list[str]:
         scale = f.fn(operator.mul, x_scale, f.tensor("weight_scale", scales.float()))
         y = f.fn(operator.mul, f.method("float", acc), scale)
         f.finish(y, lead, layer.out_features, layer.bias)
+        done.append(node.name)
+    return done
+
+
+def dynamic_onnx(
+    ir: GraphIR, skip: Callable[[fx.Node], bool], *, per_channel: bool, weight_max: int
+) -> list[str]:
+    """Replace Linear calls by the ONNX dynamic int8 Linear (codes in ``[−weight_max,
+    weight_max]``: 63 keeps the uint8 × int8 products of CPUs without VNNI from saturating)."""
+    from .onnxops import DYNAMIC_LINEAR
+
+    done = []
+    for node in linears(ir, skip):
+        layer: Any = ir.module(node)
+        scales = weight_qparams(layer.weight, per_channel=per_channel, qmax=weight_max)
+        codes = quantize_weight(layer.weight, scales, weight_max)
+        f = _Emit(ir, node)
+        weight = f.tensor("weight_t_int8", codes.t().contiguous())
+        scale = f.tensor("weight_scale", scales.float())
+        bias = f.tensor("bias", layer.bias.detach().clone()) if layer.bias is not None else None
+        y = f.fn(DYNAMIC_LINEAR, node.args[0], weight, scale, bias)
+        ir.replace(node, y)
         done.append(node.name)
     return done
 

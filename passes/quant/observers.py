@@ -59,18 +59,19 @@ def activation_qparams(
     return scale, zero_point
 
 
-def weight_qparams(weight: torch.Tensor, *, per_channel: bool) -> torch.Tensor:
-    """Symmetric int8 scales of a weight: one per output channel (dim 0), or one in all."""
+def weight_qparams(weight: torch.Tensor, *, per_channel: bool, qmax: int = 127) -> torch.Tensor:
+    """Symmetric int8 scales of a weight: one per output channel (dim 0), or one in all
+    (codes in ``[−qmax, qmax]``: 127, or 63 for 7-bit weights)."""
     w = weight.detach().float()
     amax = w.abs().flatten(1).amax(1) if per_channel else w.abs().amax().reshape(1)
-    return (amax / 127).clamp(min=EPS)
+    return (amax / qmax).clamp(min=EPS)
 
 
-def quantize_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """int8 codes of ``weight`` for per-channel (or one-element) ``scales``."""
+def quantize_weight(weight: torch.Tensor, scales: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    """int8 codes in ``[−qmax, qmax]`` of ``weight`` for per-channel (or one-element) ``scales``."""
     shape = (-1,) + (1,) * (weight.dim() - 1)
     s = scales.reshape(shape) if scales.numel() > 1 else scales
-    return torch.clamp(torch.round(weight.detach().float() / s), -127, 127).to(torch.int8)
+    return torch.clamp(torch.round(weight.detach().float() / s), -qmax, qmax).to(torch.int8)
 
 
 def fake_quantize(

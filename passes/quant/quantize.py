@@ -17,13 +17,21 @@ import torch.fx as fx
 import graphopt
 from graphopt import GraphIR, GraphoptError, PassContext, deviation, run_model
 from graphopt.errors import first_line
-from graphopt.lowering import ARTIFACT_TOLERANCE
+from graphopt.lowering import ARTIFACT_TOLERANCE, ONNX_TRANSLATIONS
 
 from .convert import QParams, to_int8, to_qdq
 from .expand import expand_composites, plain_linears
 from .forms import check_combination, is_token_model, pick_form
-from .linear import INT4_GROUPS, dynamic_aten, dynamic_int8, linears, weight_only
+from .linear import (
+    INT4_GROUPS,
+    dynamic_aten,
+    dynamic_int8,
+    dynamic_onnx,
+    linears,
+    weight_only,
+)
 from .observers import MinMaxObserver, activation_qparams, make_observer
+from .onnxops import DYNAMIC_LINEAR, TRANSLATIONS
 from .plan import Plan, Site, calibrate, input_batches, make_plan, skip_matches
 from .qat import to_qat, weights_from_qat
 from .report import REPORT_KEY, QuantReport, report_target, sensitivity
@@ -59,11 +67,13 @@ class Quant(graphopt.Pass):
             "static: calibrated int8 activations; dynamic: int8 Linear/LSTM, activations "
             "quantized on the fly; weight_only: int8/int4 Linear weights, float activations",
         )
-        form: Literal["auto", "int8", "qdq", "aten", "qat"] = graphopt.option(
+        form: Literal["auto", "int8", "qdq", "aten", "onnx", "qat"] = graphopt.option(
             "auto",
-            "auto: what the output format holds (int8 for .pt, qdq for .onnx, exportable for "
-            ".pt2/folder); int8: fbgemm kernels (.pt only); qdq: quantize/dequantize form "
-            "(ONNX, .pt2); aten: aten int8 kernels (exportable); qat: trainable fake-quant",
+            "auto: what the output format holds (int8 for .pt, qdq or onnx for .onnx, "
+            "exportable for .pt2/folder); int8: fbgemm kernels (.pt only); qdq: "
+            "quantize/dequantize form (ONNX, .pt2); aten: aten int8 kernels (exportable); "
+            "onnx: dynamic int8 as ONNX DynamicQuantizeLinear + MatMulInteger (.onnx only); "
+            "qat: trainable fake-quant",
         )
         min_sqnr: float | None = graphopt.option(
             None,
@@ -110,8 +120,9 @@ class Quant(graphopt.Pass):
         per_channel: bool = graphopt.option(True, "one weight scale per output channel")
         reduce_range: bool = graphopt.option(
             True,
-            "7-bit activations (static and dynamic), so int8 kernels on CPUs without VNNI "
-            "cannot overflow; false: 8-bit, more accurate, for VNNI/AMX CPUs",
+            "7-bit activations (static and dynamic; 7-bit weights in ONNX dynamic int8), so "
+            "int8 kernels on CPUs without VNNI cannot overflow; false: 8-bit, more accurate, "
+            "for VNNI/AMX CPUs",
         )
         onnx_int8: bool = graphopt.option(
             False, "form=qdq: signed int8 activations instead of uint8 (S8S8 in onnxruntime)"
@@ -148,6 +159,7 @@ class Quant(graphopt.Pass):
         if opts.expand:
             _expand(ir, ctx)
         mode = self._mode(ir, ctx)
+        check_combination(opts.form, mode, ctx.target_format)
         form, why = pick_form(opts.form, mode, ctx.target_format)
         if why:
             ctx.note(f"mode={mode}: picked {why}; set form= to choose another")
@@ -168,17 +180,17 @@ class Quant(graphopt.Pass):
             return mode
         if not is_token_model(ir):
             return "static"
-        if ctx.target_format == "onnx":
-            ctx.note(
-                "token model: dynamic int8 has no ONNX form, so static int8 (QDQ) instead; "
-                "calibrate with --data/data= on real token batches"
-            )
-            return "static"
         ctx.note("token model (integer inputs into an embedding): picked mode=dynamic")
         return "dynamic"
 
     def _qrange(self) -> tuple[int, int]:
         return (0, 127) if self.options.reduce_range else (0, 255)
+
+    def _onnx_weight_max(self) -> int:
+        """ONNX's DynamicQuantizeLinear has 8-bit activations only, so ``reduce_range``
+        keeps the weights to 7 bits instead (onnxruntime's own meaning of it): the uint8 ×
+        int8 pair sums of CPUs without VNNI then stay within int16."""
+        return 63 if self.options.reduce_range else 127
 
     def _batches(self, ir: GraphIR, ctx: PassContext) -> list[tuple[Any, ...]]:
         n_inputs = len(ir.example_inputs)
@@ -231,6 +243,11 @@ class Quant(graphopt.Pass):
             plan.sites[node] = Site(node, "layer", label="Linear")
         if mode == "weight_only":
             rounding = Rounding("bf16", bits=opts.bits, group_size=opts.group_size)
+        elif form == "onnx":
+            rounding = Rounding(
+                "dynamic", (0, 255), per_channel=opts.per_channel,
+                weight_max=self._onnx_weight_max(),
+            )  # fmt: skip
         else:
             inputs = "per_row" if form == "aten" else "dynamic"
             rounding = Rounding(inputs, self._qrange(), per_channel=opts.per_channel)
@@ -315,7 +332,8 @@ class Quant(graphopt.Pass):
             for s in report.sensitivity[:3]:
                 ctx.note(f"most sensitive: {s.node} ({s.op}) SQNR {s.sqnr_db:.1f} dB")
         if form == "qdq":
-            ir.gm.meta[ARTIFACT_TOLERANCE] = _artifact_tolerance(float_gm, ir.gm, batches[0])
+            reference = run_model(float_gm, batches[0])
+            ir.gm.meta[ARTIFACT_TOLERANCE] = _artifact_tolerance(reference, batches[0], ir.gm)
         ir.gm.meta[REPORT_KEY] = dataclasses.asdict(report)
 
     def _target(self, ir: GraphIR, ctx: PassContext) -> Target | None:
@@ -399,9 +417,22 @@ class Quant(graphopt.Pass):
             floats = self._linear_target(ir, ctx, mode, form, target, report)
             skip = self._skip(ir, floats)
         fallback: list[str] = []
+        reference = None
         if mode == "weight_only":
             done, fallback = weight_only(ir, skip, bits=opts.bits, group_size=opts.group_size)
             kind = f"weight-only int{opts.bits}"
+        elif form == "onnx":
+            probe = random_batches(ir.example_inputs, 1)[0]
+            reference = (run_model(ir.gm, probe), probe)
+            weight_max = self._onnx_weight_max()
+            done = dynamic_onnx(ir, skip, per_channel=opts.per_channel, weight_max=weight_max)
+            kind = f"dynamic, ONNX integer ops, {'7' if weight_max == 63 else '8'}-bit weights"
+            lstms = ir.nodes(module_type=torch.nn.LSTM)
+            if lstms:
+                ctx.note(
+                    f"{len(lstms)} LSTM call(s) stay float in ONNX (dynamic int8 LSTM has no "
+                    "ONNX integer form here); write -o model.pt for int8 LSTMs"
+                )
         elif form == "aten":
             done, kind = dynamic_aten(ir, skip), "dynamic, per-row int8 (aten)"
         else:
@@ -423,6 +454,9 @@ class Quant(graphopt.Pass):
         report.quantized = done
         ir.recompile()
         ir.invalidate()
+        if reference is not None:
+            ir.gm.meta[ONNX_TRANSLATIONS] = dict(TRANSLATIONS)
+            ir.gm.meta[ARTIFACT_TOLERANCE] = _artifact_tolerance(*reference, ir.gm)
         ir.gm.meta[REPORT_KEY] = dataclasses.asdict(report)
 
 
@@ -468,7 +502,7 @@ def _expand(ir: GraphIR, ctx: PassContext) -> None:
 def _is_int8(gm: fx.GraphModule) -> bool:
     """Whether ``gm`` already runs int8 kernels (static, dynamic or weight-only)."""
     int8_aten = {torch._int_mm, torch.ops.aten._weight_int8pack_mm.default}
-    int8_aten.add(torch.ops.aten._weight_int4pack_mm_for_cpu.default)
+    int8_aten |= {torch.ops.aten._weight_int4pack_mm_for_cpu.default, DYNAMIC_LINEAR}
     for node in gm.graph.nodes:
         if node.target is torch.quantize_per_tensor or node.target in int8_aten:
             return True
@@ -542,14 +576,13 @@ def _progress(ctx: PassContext, total: int) -> Any:
     return ticks
 
 
-def _artifact_tolerance(
-    float_gm: fx.GraphModule, gm: fx.GraphModule, inputs: tuple[Any, ...]
-) -> float:
-    """How far another runtime's int8 kernels may land from this model: 3× its own error.
+def _artifact_tolerance(reference: Any, inputs: tuple[Any, ...], gm: fx.GraphModule) -> float:
+    """How far another runtime's int8 kernels may land from this model: 3× its own error
+    (against ``reference``, the float model's output on ``inputs``).
 
     Two int8 implementations round a few values differently (division or multiplication by
     the scale, accumulation order), and each such one-step difference travels through the
     later layers, so they agree to the order of the quantization noise, not to 1e-3.
     """
-    noise = deviation(run_model(gm, inputs), run_model(float_gm, inputs)).rel_err
+    noise = deviation(run_model(gm, inputs), reference).rel_err
     return max(1e-3, 3 * noise)
