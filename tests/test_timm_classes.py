@@ -6,7 +6,8 @@ model each (small inputs, shallow configurations): each prunes for real and corr
 * Res2Net's ``split`` → per-piece convs → ``cat`` with the last piece taken as ``x[-1]``
   prunes every piece alike;
 * BatchNorm after a layer whose output's ``ndim`` is also read (timm's ``BatchNormAct2d``)
-  folds.
+  folds;
+* ECA's gate (a Conv1d slid over the pooled channels) prunes with the channels it gates.
 """
 
 from __future__ import annotations
@@ -117,3 +118,47 @@ def test_one_group_groupnorm_prunes_channels_like_layernorm():
     assert widths[0] < 64  # 64 in the unpruned model
     with torch.no_grad():
         result.ir.gm(x)  # each one-group norm's weight fits its narrower input
+
+
+def test_eca_gate_slides_over_the_kept_channels():
+    """ECA's gate is a Conv1d run over the pooled channels as its sequence. Its positions
+    now go with the channels they gate (before, the stream it gates was kept whole): the
+    pruned gate is the same kernel slid over the kept channels' means."""
+    from timm.layers import EcaModule
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+            self.eca = EcaModule(kernel_size=5)
+            self.conv2 = nn.Conv2d(32, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv2(self.eca(torch.relu(self.conv1(x))))
+
+    torch.manual_seed(0)
+    model = Gated().eval()
+    x = torch.randn(2, 3, 8, 8)
+    result = graphopt.optimize(model, "prune(ratio=0.5)", example_inputs=(x,))
+    gm = result.ir.gm
+    w1 = gm.get_parameter("conv1.weight")
+    assert w1.shape[0] == 16, result.ledger[-1].notes
+    # the kept channels, told by their conv1 rows
+    kept = [int((model.conv1.weight == row).all((1, 2, 3)).nonzero()) for row in w1]
+    assert kept == sorted(kept)
+    torch.testing.assert_close(gm.get_parameter("eca.conv.weight"), model.eca.conv.weight)
+    with torch.no_grad():
+        h = torch.relu(model.conv1(x))[:, kept]
+        gate = torch.sigmoid(model.eca.conv(h.mean((2, 3))[:, None]))[:, 0, :, None, None]
+        expected = nn.functional.conv2d(h * gate, model.conv2.weight[:, kept], model.conv2.bias)
+        torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eca_resnet_prunes_its_gated_residual_stream():
+    spec = "timm:ecaresnetlight?layers=[1,1,1,1]&num_classes=10"
+    result, x = _prune(spec, 32)
+    first, last = result.ledger[0], result.ledger[-1]
+    assert last.macs <= 0.35 * first.macs, last.notes  # 0.52 with the stream kept whole
+    _runs_with_same_output_shape(spec, result, x)
+    gm = result.ir.gm
+    assert gm.get_submodule("layer1.0.conv3").out_channels < 256
