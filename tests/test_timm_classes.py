@@ -162,3 +162,41 @@ def test_eca_resnet_prunes_its_gated_residual_stream():
     _runs_with_same_output_shape(spec, result, x)
     gm = result.ir.gm
     assert gm.get_submodule("layer1.0.conv3").out_channels < 256
+
+
+def test_exported_adaptive_max_pool_is_raised_and_prunes():
+    """timm's bilinear attention (BAT) max-pools with ``F.adaptive_max_pool2d``, which
+    torch.export records as an ATen op returning (values, indices); it is raised to the
+    function, whose channels the prune rules know, instead of freezing every channel it
+    reads."""
+    from timm.layers.non_local_attn import BatNonLocalAttn
+
+    class Bat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 32, 3, padding=1)
+            self.bat = BatNonLocalAttn(32, block_size=4, groups=2, rd_channels=16)
+            self.head = nn.Conv2d(32, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.bat(self.stem(x)))
+
+    torch.manual_seed(0)
+    model = Bat().eval()
+    x = torch.randn(1, 3, 8, 8)
+    ir = graphopt.trace(model, (x,), capture="export")
+    pools = [n for n in ir.graph.nodes if n.target is nn.functional.adaptive_max_pool2d]
+    assert len(pools) == 2
+    assert not any(isinstance(n.target, torch._ops.OpOverload) for n in ir.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(ir.gm(x), model(x))
+    result = graphopt.optimize(ir, "prune(ratio=0.5)")
+    notes = " ".join(result.ledger[-1].notes)
+    assert "adaptive_max_pool2d" not in notes, notes
+    gm = result.ir.gm
+    # the residual stream prunes; BAT's own width stays, for a reason of its own (its
+    # gates are expanded over groups of channels: a regrouping reshape)
+    assert gm.get_submodule("stem").out_channels == 16, notes
+    assert result.ledger[-1].macs < 0.7 * result.ledger[0].macs
+    with torch.no_grad():
+        assert gm(x).shape == model(x).shape
