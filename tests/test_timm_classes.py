@@ -34,6 +34,22 @@ def _runs_with_same_output_shape(spec: str, result: graphopt.Result, x: torch.Te
         assert result.ir.gm(x).shape == original(x).shape
 
 
+def _halved(cls: type[nn.Module]) -> tuple[nn.Module, torch.Tensor, torch.fx.GraphModule, list]:
+    """A seeded ``cls()`` whose ``conv1`` makes 32 channels, a 2×3×8×8 input, the model
+    pruned by half, and the indices of the channels ``conv1`` kept (told by its rows)."""
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = torch.randn(2, 3, 8, 8)
+    result = graphopt.optimize(model, "prune(ratio=0.5)", example_inputs=(x,))
+    gm = result.ir.gm
+    rows = gm.get_parameter("conv1.weight")
+    assert rows.shape[0] == 16, result.ledger[-1].notes
+    original = model.get_parameter("conv1.weight")
+    kept = [int((original == row).all((1, 2, 3)).nonzero()) for row in rows]
+    assert kept == sorted(kept)
+    return model, x, gm, kept
+
+
 def test_weight_standardised_convs_prune_their_parameter():
     from timm.layers import ScaledStdConv2d
 
@@ -136,16 +152,7 @@ def test_eca_gate_slides_over_the_kept_channels():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.conv2(self.eca(torch.relu(self.conv1(x))))
 
-    torch.manual_seed(0)
-    model = Gated().eval()
-    x = torch.randn(2, 3, 8, 8)
-    result = graphopt.optimize(model, "prune(ratio=0.5)", example_inputs=(x,))
-    gm = result.ir.gm
-    w1 = gm.get_parameter("conv1.weight")
-    assert w1.shape[0] == 16, result.ledger[-1].notes
-    # the kept channels, told by their conv1 rows
-    kept = [int((model.conv1.weight == row).all((1, 2, 3)).nonzero()) for row in w1]
-    assert kept == sorted(kept)
+    model, x, gm, kept = _halved(Gated)
     torch.testing.assert_close(gm.get_parameter("eca.conv.weight"), model.eca.conv.weight)
     with torch.no_grad():
         h = torch.relu(model.conv1(x))[:, kept]
@@ -200,3 +207,38 @@ def test_exported_adaptive_max_pool_is_raised_and_prunes():
     assert result.ledger[-1].macs < 0.7 * result.ledger[0].macs
     with torch.no_grad():
         assert gm(x).shape == model(x).shape
+
+
+def test_roll_and_tile_keep_channels_apart():
+    """Swin's shifted windows roll the spatial dims (``torch.roll``) and Hiera tiles its
+    window position embedding (``Tensor.tile``); before, both froze every channel they
+    touched, and with them the residual stream. Now the channels pass through (rolled
+    dims stay whole) and the pruned model is the original on the kept channels."""
+
+    class RollTile(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+            self.pos = nn.Parameter(torch.randn(1, 32, 2, 2))
+            self.conv2 = nn.Conv2d(32, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.roll(torch.relu(self.conv1(x)), shifts=(1, -2), dims=(2, 3))
+            return self.conv2(h.roll(3, 2) + self.pos.tile(1, 1, 4, 4))
+
+    model, x, gm, kept = _halved(RollTile)
+    with torch.no_grad():
+        h = torch.roll(torch.relu(model.conv1(x))[:, kept], shifts=(1, -2), dims=(2, 3))
+        h = h.roll(3, 2) + model.pos[:, kept].tile(1, 1, 4, 4)
+        expected = nn.functional.conv2d(h, model.conv2.weight[:, kept], model.conv2.bias)
+        torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_swin_prunes_across_its_shifted_windows():
+    spec = "timm:swin_tiny_patch4_window7_224?img_size=56&depths=[2,2]&num_heads=[3,6]"
+    spec += "&embed_dim=48&num_classes=10"
+    result, x = _prune(spec, 56)
+    first, last = result.ledger[0], result.ledger[-1]
+    assert last.macs <= 0.35 * first.macs, last.notes
+    assert not any("roll" in note for note in last.notes), last.notes
+    _runs_with_same_output_shape(spec, result, x)
