@@ -7,7 +7,9 @@ model each (small inputs, shallow configurations): each prunes for real and corr
   prunes every piece alike;
 * BatchNorm after a layer whose output's ``ndim`` is also read (timm's ``BatchNormAct2d``)
   folds;
-* ECA's gate (a Conv1d slid over the pooled channels) prunes with the channels it gates.
+* ECA's gate (a Conv1d slid over the pooled channels) prunes with the channels it gates;
+* ``adaptive_max_pool2d`` captured by torch.export is raised to the function prune knows;
+* ``roll`` (Swin), ``tile`` (Hiera) and ``repeat_interleave`` (GCViT) pass channels through.
 """
 
 from __future__ import annotations
@@ -209,10 +211,11 @@ def test_exported_adaptive_max_pool_is_raised_and_prunes():
         assert gm(x).shape == model(x).shape
 
 
-def test_roll_and_tile_keep_channels_apart():
-    """Swin's shifted windows roll the spatial dims (``torch.roll``) and Hiera tiles its
-    window position embedding (``Tensor.tile``); before, both froze every channel they
-    touched, and with them the residual stream. Now the channels pass through (rolled
+def test_roll_tile_and_repeat_interleave_keep_channels_apart():
+    """Swin's shifted windows roll the spatial dims (``torch.roll``), Hiera tiles its
+    window position embedding (``Tensor.tile``) and GCViT repeats its global queries over
+    the batch (``repeat_interleave``); before, each froze every channel it touched, and
+    with them the residual stream. Now the channels pass through (rolled
     dims stay whole) and the pruned model is the original on the kept channels."""
 
     class RollTile(nn.Module):
@@ -224,12 +227,16 @@ def test_roll_and_tile_keep_channels_apart():
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = torch.roll(torch.relu(self.conv1(x)), shifts=(1, -2), dims=(2, 3))
-            return self.conv2(h.roll(3, 2) + self.pos.tile(1, 1, 4, 4))
+            spread = self.pos.repeat_interleave(4, dim=2).repeat_interleave(4, 3)
+            spread = spread.repeat_interleave(x.shape[0], dim=0)  # GCViT's global queries
+            return self.conv2(h.roll(3, 2) + self.pos.tile(1, 1, 4, 4) + spread)
 
     model, x, gm, kept = _halved(RollTile)
     with torch.no_grad():
         h = torch.roll(torch.relu(model.conv1(x))[:, kept], shifts=(1, -2), dims=(2, 3))
-        h = h.roll(3, 2) + model.pos[:, kept].tile(1, 1, 4, 4)
+        pos = model.pos[:, kept]
+        spread = pos.repeat_interleave(4, dim=2).repeat_interleave(4, 3).expand(2, -1, -1, -1)
+        h = h.roll(3, 2) + pos.tile(1, 1, 4, 4) + spread
         expected = nn.functional.conv2d(h, model.conv2.weight[:, kept], model.conv2.bias)
         torch.testing.assert_close(gm(x), expected, rtol=1e-5, atol=1e-5)
 

@@ -44,14 +44,20 @@ class Move(OpRule):
     functions = (
         torch.permute, torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim,
         torch.t, torch.reshape, torch.flatten, torch.unflatten, torch.squeeze,
-        torch.unsqueeze, torch.narrow, torch.select, torch.tile,
+        torch.unsqueeze, torch.narrow, torch.select, torch.tile, torch.repeat_interleave,
     )  # fmt: skip
     methods = (
         "permute", "transpose", "swapaxes", "swapdims", "movedim", "t", "view", "reshape",
         "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "view_as",
-        "reshape_as", "narrow", "select", "tile", "repeat",
+        "reshape_as", "narrow", "select", "tile", "repeat", "repeat_interleave",
     )  # fmt: skip
     modules = (nn.Flatten, nn.Unflatten)
+
+    def applies(self, node: fx.Node) -> bool:
+        # repeat_interleave with one count per element (a tensor) is not a fixed move
+        if node.target in (torch.repeat_interleave, "repeat_interleave"):
+            return not isinstance(val(arg(node, 1, "repeats")), torch.Tensor)
+        return True
 
     def link(self, g: ChannelGraph, node: fx.Node) -> None:
         if node.op != "call_module":
