@@ -79,8 +79,19 @@ def macs_of(model: Any, x: Any) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
+    # Parameters stop requiring grad while counting: a view of a parameter made under no_grad
+    # (SigLIP's attention-pool latent, ``latent.expand(B, -1, -1)``) requires grad without a
+    # grad_fn, and the counter's module tracker fails on it ("Expected gradient function to
+    # be set") before a single op is counted.
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     return int(counter.get_total_flops() // 2)
 
 

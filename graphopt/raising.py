@@ -944,8 +944,12 @@ _FIRST_ITEM: dict[Any, Callable[[dict[str, Any], fx.Node], Any]] = {
     aten.native_group_norm: _reordered(
         F.group_norm, ("input", _REQUIRED), ("group", _REQUIRED), *_AFFINE, ("eps", _REQUIRED)
     ),
+    aten.max_pool1d_with_indices: _pool(F.max_pool1d),
     aten.max_pool2d_with_indices: _pool(F.max_pool2d),
     aten.max_pool3d_with_indices: _pool(F.max_pool3d),
+    aten.adaptive_max_pool1d: lambda a, n: _fn(F.adaptive_max_pool1d, a["self"], a["output_size"]),
+    aten.adaptive_max_pool2d: lambda a, n: _fn(F.adaptive_max_pool2d, a["self"], a["output_size"]),
+    aten.adaptive_max_pool3d: lambda a, n: _fn(F.adaptive_max_pool3d, a["self"], a["output_size"]),
 }
 
 

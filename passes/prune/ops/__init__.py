@@ -32,7 +32,7 @@ from __future__ import annotations
 from .attention import Einsum, Matmul, MultiheadAttention, ScaledDotProduct
 from .base import OpRule, Resize, RuleSet, concrete, qualified_name
 from .layers import Conv, Embedding, Linear
-from .movement import Cat, GetItem, Move, Split, Stack
+from .movement import Cat, GetItem, Move, Roll, Split, Stack
 from .norms import BatchNorm, GroupNorm, LayerNorm, PReLU
 from .pointwise import Elementwise, Pad, Pool, Reduce, SameLayout, Softmax
 from .torchvision_leaves import PatchMergingPad, ShiftedWindowAttention
@@ -44,7 +44,7 @@ __all__ = ["BUILTIN_RULES", "OpRule", "Resize", "RuleSet", "concrete", "qualifie
 BUILTIN_RULES = RuleSet(
     [
         Elementwise(), SameLayout(), Pool(), Pad(), Softmax(), Reduce(),
-        Move(), GetItem(), Cat(), Stack(), Split(),
+        Move(), Roll(), GetItem(), Cat(), Stack(), Split(),
         Conv(), Linear(), Embedding(),
         BatchNorm(), GroupNorm(), LayerNorm(), PReLU(), RMSNorm(),
         MultiheadAttention(), ScaledDotProduct(), Matmul(), Einsum(),

@@ -53,7 +53,7 @@ class Conv(OpRule):
             assert isinstance(m, _ConvNd)
             b = g.param_key(t, "bias", 0) if m.bias is not None else None
             w = g.param_key(t, "weight", 0)
-            _conv_like(g, node, x, w, b, m.groups, m.transposed, t)
+            _conv_like(g, node, x, w, b, m.groups, m.transposed, t, m.stride)
             return
         w = arg(node, 1, "weight")
         weight = g.arg_key(w, 0)
@@ -62,7 +62,8 @@ class Conv(OpRule):
         groups = int(concrete(arg(node, 6, "groups", 1)))
         bias = g.arg_key(arg(node, 2, "bias"), 0)
         transposed = node.target in _TRANSPOSED
-        _conv_like(g, node, x, weight, bias, groups, transposed, _owner(w))
+        stride = concrete(arg(node, 3, "stride", 1))
+        _conv_like(g, node, x, weight, bias, groups, transposed, _owner(w), stride)
         _mark_source(g, w, (0, 1) if groups == 1 else (0, None), transposed)
 
     def resize(self, node: fx.Node, sizes: Resize) -> None:
@@ -112,6 +113,7 @@ def _conv_like(
     groups: int,
     transposed: bool = False,
     owner: str = "",
+    stride: int | tuple[int, ...] = 1,
 ) -> None:
     vx, out = val(x), val(node)
     spatial = g.rank_of(w) - 2
@@ -140,8 +142,16 @@ def _conv_like(
     if b is not None:
         g.link(g.key(node, cd), b)
     g.produces(made, owner or node.name)
-    for d in range(cd + 1, vx.dim()):
-        g.freeze(g.key(node, d), node, "convolution mixes spatial positions")
+    strides = (stride,) * spatial if isinstance(stride, int) else tuple(stride)
+    for d, s in zip(range(cd + 1, vx.dim()), strides, strict=True):
+        if s == 1 and out.shape[d] == vx.shape[d]:
+            # a length-keeping slide (ECA's gate, a Conv1d over the pooled channels as its
+            # sequence): position i of the output is centred on position i of the input
+            # and the kernel fits any length, so positions go with the channels they
+            # come from; the kept ones then see their kept neighbours
+            g.link(g.key(x, d), g.key(node, d))
+        else:
+            g.freeze(g.key(node, d), node, "convolution mixes spatial positions")
 
 
 class Linear(OpRule):

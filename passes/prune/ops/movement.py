@@ -23,7 +23,7 @@ from ..graph import ChannelGraph, tensor_val, val
 from .base import OpRule, Resize, concrete
 from .pointwise import norm_dim
 
-__all__ = ["Cat", "GetItem", "Move", "Split", "Stack", "link_by_shape", "move"]
+__all__ = ["Cat", "GetItem", "Move", "Roll", "Split", "Stack", "link_by_shape", "move"]
 
 #: moves that only reorder dims, and moves that regroup dims in row-major order: mapped from
 #: shapes alone (:func:`link_by_shape`)
@@ -44,14 +44,20 @@ class Move(OpRule):
     functions = (
         torch.permute, torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim,
         torch.t, torch.reshape, torch.flatten, torch.unflatten, torch.squeeze,
-        torch.unsqueeze, torch.narrow, torch.select,
+        torch.unsqueeze, torch.narrow, torch.select, torch.tile, torch.repeat_interleave,
     )  # fmt: skip
     methods = (
         "permute", "transpose", "swapaxes", "swapdims", "movedim", "t", "view", "reshape",
         "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "view_as",
-        "reshape_as", "narrow", "select",
+        "reshape_as", "narrow", "select", "tile", "repeat", "repeat_interleave",
     )  # fmt: skip
     modules = (nn.Flatten, nn.Unflatten)
+
+    def applies(self, node: fx.Node) -> bool:
+        # repeat_interleave with one count per element (a tensor) is not a fixed move
+        if node.target in (torch.repeat_interleave, "repeat_interleave"):
+            return not isinstance(val(arg(node, 1, "repeats")), torch.Tensor)
+        return True
 
     def link(self, g: ChannelGraph, node: fx.Node) -> None:
         if node.op != "call_module":
@@ -67,6 +73,28 @@ class Move(OpRule):
             _rewrite_narrow(node, sizes)
         elif t in (torch.unflatten, "unflatten"):
             _rewrite_unflatten(node, sizes)
+
+
+class Roll(OpRule):
+    """``torch.roll``: the rolled dims wrap around, so they stay whole (on a shorter dim the
+    same shift would wrap other elements); the other dims pass through."""
+
+    functions = (torch.roll,)
+    methods = ("roll",)
+
+    def link(self, g: ChannelGraph, node: fx.Node) -> None:
+        src = node_arg(node)
+        rank = val(src).dim()
+        dims = concrete(arg(node, 2, "dims"))
+        listed = [] if dims is None else list(dims) if isinstance(dims, list | tuple) else [dims]
+        if not listed:
+            g.freeze_node(node, "a roll of the flattened tensor moves elements across dims")
+            return
+        rolled = {norm_dim(int(d), rank) for d in listed}
+        g.identity(src, node, [d for d in range(rank) if d not in rolled])
+        for d in rolled:
+            g.freeze(g.key(src, d), node, "a roll wraps this dimension around")
+            g.freeze(g.key(node, d), node, "a roll wraps this dimension around")
 
 
 class GetItem(OpRule):
