@@ -19,14 +19,15 @@ Steps, each measured on 4096 held-out sequences:
 4. ``quant``: int8 (dynamic int8 Linear, the default for token models), written to
    ``OUT_DIR/bert_int8.pt`` and checked against the in-memory model.
 
-About five minutes on two cores; ``--fast`` (what the test suite runs) trains on less for
-fewer steps and gives lower accuracies.
+About 20 minutes on two shared cores (1175 s at load 3–5: teacher 96.41%, pruned to 50.2%
+of the MACs 84.81%, distilled 96.53%, int8 96.41%); ``--fast`` (what the test suite runs,
+about 30 s) trains on less for fewer steps and gives lower accuracies.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 import time
 
 import torch
@@ -126,9 +127,11 @@ def accuracy(model: torch.nn.Module, test: list[tuple[torch.Tensor, ...]]) -> fl
 
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if a != "--fast"]
-    fast = "--fast" in sys.argv[1:]
-    out_dir = args[0] if args else "out"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", default="out", help="where bert_int8.pt goes")
+    parser.add_argument("--fast", action="store_true", help="train on less, for fewer steps")
+    options = parser.parse_args()
+    fast, out_dir = options.fast, options.out_dir
     os.makedirs(out_dir, exist_ok=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     start = time.time()

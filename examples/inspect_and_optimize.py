@@ -5,7 +5,7 @@ python examples/inspect_and_optimize.py [torchvision:NAME] [PIPELINE] [OUT]
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import networkx
 import torch
@@ -16,9 +16,12 @@ from graphopt.report import ledger_table
 
 
 def main() -> None:
-    spec = sys.argv[1] if len(sys.argv) > 1 else "torchvision:mobilenet_v3_small"
-    pipeline = sys.argv[2] if len(sys.argv) > 2 else "cleanup"
-    out = sys.argv[3] if len(sys.argv) > 3 else "out/example.pt2"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("spec", nargs="?", default="torchvision:mobilenet_v3_small")
+    parser.add_argument("pipeline", nargs="?", default="cleanup")
+    parser.add_argument("out", nargs="?", default="out/example.pt2")
+    options = parser.parse_args()
+    spec, pipeline, out = options.spec, options.pipeline, options.out
     console = Console()
 
     ir = graphopt.load(spec)

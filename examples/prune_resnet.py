@@ -9,7 +9,7 @@ The pruned model is an ordinary ``nn.Module`` with smaller layers: fine-tune it 
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import torch
 import torchvision
@@ -23,8 +23,11 @@ def conv_widths(model: nn.Module) -> dict[str, int]:
 
 
 def main() -> None:
-    target = float(sys.argv[1]) if len(sys.argv) > 1 else 0.5
-    criterion = sys.argv[2] if len(sys.argv) > 2 else "l1"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("target", nargs="?", type=float, default=0.5, help="MACs to keep")
+    parser.add_argument("criterion", nargs="?", default="l1", help="channel ranking (l1, l2…)")
+    options = parser.parse_args()
+    target, criterion = options.target, options.criterion
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
     x = torch.randn(1, 3, 64, 64)

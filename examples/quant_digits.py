@@ -14,8 +14,8 @@ Trains a two-conv network for a few seconds and writes it three ways:
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def main() -> None:
-    out_dir = sys.argv[1] if len(sys.argv) > 1 else "out"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", default="out", help="where the artifacts go")
+    out_dir = parser.parse_args().out_dir
     os.makedirs(out_dir, exist_ok=True)
     x, y, train_idx, test_idx = digits_data()
     model = train(x, y, train_idx)

@@ -9,8 +9,8 @@ on two CPU cores (``--quick``: fewer epochs and ratios, for the test suite).
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 
 import torch
 from sklearn.datasets import load_digits
@@ -126,6 +126,9 @@ def main(out: str, quick: bool) -> None:
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", default="plots", help="where the PNGs go")
+    parser.add_argument("--quick", action="store_true", help="fewer epochs and ratios")
+    options = parser.parse_args()
     with torch_threads(1):  # a tiny model: one thread is faster on a busy machine
-        main(args[0] if args else "plots", "--quick" in sys.argv)
+        main(options.out_dir, options.quick)

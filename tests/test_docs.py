@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import re
 import runpy
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -226,3 +227,15 @@ def test_hook_docstrings_name_only_public_types():
         assert ".importance" not in doc, name
     assert "graphopt.CriterionInput" in hookspecs.graphopt_register_prune_criteria.__doc__
     assert "graphopt.LossInputs" in hookspecs.graphopt_register_distill_losses.__doc__
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
+def test_examples_answer_help_without_working(script, tmp_path):
+    """``--help`` prints the usage and does nothing else (an example that took it for its
+    output folder once trained for 20 minutes and wrote into ./--help)."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), "--help"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("usage:") and not list(tmp_path.iterdir())
