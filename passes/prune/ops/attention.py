@@ -166,8 +166,16 @@ class ScaledDotProduct(OpRule):
         g.link(g.key(v, vv.dim() - 1), g.key(node, ro - 1))
         mask = arg(node, 3, "attn_mask")
         if isinstance(mask, fx.Node):
-            for key in g.tensor_keys(mask):
-                g.freeze(key, node, "an attention mask")
+            vm = val(mask)
+            rm = vm.dim()
+            for d in range(rm):
+                od = d + ro - rm
+                if d < rm - 2 and od >= 0 and vm.shape[d] == out.shape[od] > 1:
+                    # a per-head mask or bias (MaxViT's, Swin's relative positions) goes
+                    # with the heads it is added to, or keeps them whole
+                    g.link(g.key(mask, d), g.key(node, od))
+                elif vm.shape[d] > 1:
+                    g.freeze(g.key(mask, d), node, "an attention mask")
 
     def heads(self, g: ChannelGraph, node: fx.Node) -> list[SpaceKey]:
         """The heads dimension (the third from last) of q, k, v and the output."""
