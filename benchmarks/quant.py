@@ -287,6 +287,19 @@ def _run(session: Any, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 
+def ort_pre_process(fp32_path: str, prepared: str) -> None:
+    """onnxruntime's recommended pre-processing before its quantizers. Its symbolic shape
+    inference gives up on some graphs with free dims ("Incomplete symbolic shape inference",
+    a token model exported with free batch and length); those get the ONNX shape inference
+    and graph optimisation without it."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(fp32_path, prepared)
+    except Exception:
+        quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
+
+
 def ort_quantized(fp32_path: str, calib: list, tmp: str, arch: str) -> dict[str, str]:
     """onnxruntime's dynamic and static quantization of the fp32 export, after its
     recommended pre-processing (shape inference and graph optimisation)."""
@@ -297,12 +310,11 @@ def ort_quantized(fp32_path: str, calib: list, tmp: str, arch: str) -> dict[str,
         quantize_dynamic,
         quantize_static,
     )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     name = _session(fp32_path).get_inputs()[0].name
     paths = {k: os.path.join(tmp, f"{arch}_{k}.onnx") for k in ("ort dynamic", "ort static")}
     prepared = os.path.join(tmp, f"{arch}_prepared.onnx")
-    quant_pre_process(fp32_path, prepared)  # what onnxruntime's docs ask for first
+    ort_pre_process(fp32_path, prepared)  # what onnxruntime's docs ask for first
     quantize_dynamic(prepared, paths["ort dynamic"], weight_type=QuantType.QInt8)
 
     class Reader(CalibrationDataReader):
@@ -674,12 +686,11 @@ def ort_quantized_tokens(fp32_path: str, calib: list, tmp: str) -> dict[str, str
         quantize_dynamic,
         quantize_static,
     )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     session = _session(fp32_path)
     paths = {k: os.path.join(tmp, f"hf_{k.replace(' ', '_')}.onnx") for k in ORT_VARIANTS}
     prepared = os.path.join(tmp, "hf_prepared.onnx")
-    quant_pre_process(fp32_path, prepared)
+    ort_pre_process(fp32_path, prepared)
     quantize_dynamic(prepared, paths["ort dynamic"], weight_type=QuantType.QInt8)
     quantize_dynamic(
         prepared, paths["ort dynamic reduce_range"], weight_type=QuantType.QInt8,
