@@ -294,10 +294,15 @@ def ort_pre_process(fp32_path: str, prepared: str) -> None:
     and graph optimisation without it."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    here = os.getcwd()
+    os.chdir(os.path.dirname(os.path.abspath(prepared)))  # it leaves scratch files in the cwd
     try:
-        quant_pre_process(fp32_path, prepared)
-    except Exception:
-        quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
+        try:
+            quant_pre_process(fp32_path, prepared)
+        except Exception:
+            quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
+    finally:
+        os.chdir(here)
 
 
 def ort_quantized(fp32_path: str, calib: list, tmp: str, arch: str) -> dict[str, str]:
