@@ -46,6 +46,7 @@ __all__ = [
     "HF_ORIGIN",
     "capture",
     "export_and_raise",
+    "quiet_export",
     "remember_origin",
     "symbolic_trace",
 ]
@@ -255,7 +256,7 @@ def _drop_guarded_placeholders(graph: fx.Graph) -> None:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_export() -> Iterator[None]:
     """Silence what torch.export writes while it works or fails (its log records, and the
     partial graph it prints to stderr on an error): the caller reports the failure."""
     previous = logging.root.manager.disable
@@ -294,7 +295,7 @@ def export_and_raise(
     from .raising import raise_program
 
     program = None
-    with _quiet():
+    with quiet_export():
         for dims in free_dim_candidates(example_inputs):  # a graph for any batch (and length)
             try:
                 program = _export(model, grown(example_inputs, dims), input_names,

@@ -13,7 +13,6 @@ otherwise be lost silently.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -23,7 +22,7 @@ import sys
 import tempfile
 import textwrap
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ import torch.fx as fx
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
+from .capture import quiet_export
 from .contributions import Contributions, PluginRef, plugin_failure
 from .errors import GraphoptError, PluginError, first_line
 from .extensions import Exporter
@@ -94,7 +94,7 @@ def export_program(
     for dims in free_dim_candidates(inputs):
         shapes = dynamic_shapes(dims, len(inputs))
         try:
-            with _quiet_export():
+            with quiet_export():
                 program = torch.export.export(model, grown(inputs, dims), dynamic_shapes=shapes)
         except Exception:  # a dim the graph fixes (a reshape to the example's batch, …)
             continue
@@ -110,29 +110,6 @@ def export_program(
             f"torch.export cannot export the optimised model ({first_line(exc)}); choose another "
             "output format, e.g. -o model.pt"
         ) from None
-
-
-@contextlib.contextmanager
-def _quiet_export() -> Iterator[None]:
-    """Silence torch.export's logged advice while a free dim is only being tried."""
-    loggers = [logging.getLogger(n) for n in _EXPORT_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-_EXPORT_LOGGERS = (
-    "torch",
-    "torch.export",
-    "torch._dynamo",
-    "torch._subclasses.fake_tensor",
-    "torch.fx.experimental.symbolic_shapes",
-)
 
 
 def _write_pt2(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: dict) -> None:
@@ -335,10 +312,10 @@ def write_onnx(gm: fx.GraphModule, inputs: tuple[Any, ...], path: str, meta: dic
     # onnxscript's constant folder logs the ops it declines to fold ("Evaluation failed:
     # cannot reshape …", on index arithmetic of token models) as warnings: not the user's
     # concern, kept off the console
+    exported = export_program(gm, inputs, meta)
     quiet = logging.getLogger("onnxscript")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
-    exported = export_program(gm, inputs, meta)
     try:
         program = torch.onnx.export(
             exported,
