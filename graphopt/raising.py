@@ -235,11 +235,7 @@ class _Raiser:
         name = _node_name(node, call)
         new = self.graph.create_node(call.op, call.target, call.args, call.kwargs, name=name)
         new.meta[NAME] = name
-        new.meta["export_stack"] = {
-            k: v
-            for k, v in (node.meta.get("nn_module_stack") or {}).items()
-            if not (isinstance(v, tuple) and str(v[0]).startswith(_NO_MODULE))
-        }
+        new.meta["export_stack"] = _module_stack(node)
         self.order[new] = len(self.order)
         for key in new.meta["export_stack"]:
             self.scopes.setdefault(key, []).append(new)
@@ -1350,16 +1346,23 @@ def _is_size(node: fx.Node) -> bool:
 
 
 def _innermost(stack: dict[str, Any]) -> str:
-    paths = [
-        v[0]
-        for v in stack.values()
-        if isinstance(v, tuple) and v[0] and not v[0].startswith(_NO_MODULE)
-    ]
+    paths = [v[0] for v in stack.values() if isinstance(v, tuple) and v[0]]
     return paths[-1] if paths else ""
 
 
 #: torch.export's stand-in scope for nodes made outside any module (a free dim's size)
 _NO_MODULE = "_empty_nn_module_stack"
+
+
+def _module_stack(node: fx.Node) -> dict[str, Any]:
+    """The modules an exported node ran in (export's ``nn_module_stack``), without the
+    stand-in scope export gives nodes made outside any module."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return {
+        k: v
+        for k, v in stack.items()
+        if not (isinstance(v, tuple) and str(v[0]).startswith(_NO_MODULE))
+    }
 
 
 def _node_name(node: fx.Node, call: _Call) -> str:
@@ -1371,7 +1374,7 @@ def _node_name(node: fx.Node, call: _Call) -> str:
     else:
         what = getattr(call.target, "__name__", None) or node.name
     what = what.strip("_") or "op"
-    scope = _innermost(node.meta.get("nn_module_stack") or {})
+    scope = _innermost(_module_stack(node))
     if not scope or scope.rsplit(".", 1)[-1] == what:  # relu inside module 'relu': 'relu'
         return scope.replace(".", "_") or what
     return f"{scope.replace('.', '_')}_{what}"
