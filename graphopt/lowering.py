@@ -42,9 +42,11 @@ from .measuring import deviation, run_model
 
 __all__ = [
     "ARTIFACT_TOLERANCE",
+    "DYNAMIC_DIMS",
     "ONNX_TRANSLATIONS",
     "Exporter",
     "check_output",
+    "export_program",
     "load_folder",
     "lower",
     "pick_exporter",
