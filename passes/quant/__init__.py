@@ -38,10 +38,11 @@ or symmetric; the formulas are in :mod:`graphopt.passes.quant.observers`.
 
 from __future__ import annotations
 
-from .quantize import DEFAULT_MIN_SQNR, Quant
+from .quantize import DEFAULT_MARGIN_DB, DEFAULT_MIN_SQNR, Quant
 from .report import FloatChoice, LayerSensitivity, QuantReport, quant_report, sqnr_db
 
 __all__ = [
+    "DEFAULT_MARGIN_DB",
     "DEFAULT_MIN_SQNR",
     "FloatChoice",
     "LayerSensitivity",

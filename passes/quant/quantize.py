@@ -39,10 +39,13 @@ from .search import Rounding, Simulator
 from .smooth import smooth
 from .target import Target, accuracy_metric, labelled, meet_target, resolve_metric
 
-__all__ = ["DEFAULT_MIN_SQNR", "Quant"]
+__all__ = ["DEFAULT_MARGIN_DB", "DEFAULT_MIN_SQNR", "Quant"]
 
 #: output SQNR (dB) plain ``quant`` keeps, keeping the fewest ops in float for it
 DEFAULT_MIN_SQNR = 25.0
+#: the default target is searched this many dB above DEFAULT_MIN_SQNR on the calibration
+#: samples: on unseen inputs vit_b_16 landed 0.2 dB below what its calibration samples gave
+DEFAULT_MARGIN_DB = 0.5
 #: all-int8 output SQNR (dB) below which plain ``quant`` warns loudly
 WARN_BELOW_SQNR = 20.0
 #: ledger counter for each kind of quantized op
@@ -343,7 +346,10 @@ class Quant(graphopt.Pass):
         min_sqnr = DEFAULT_MIN_SQNR if automatic else opts.min_sqnr
         if min_sqnr is not None and min_sqnr <= 0:
             min_sqnr = None
-        target = Target(min_sqnr=min_sqnr, max_drop=opts.max_drop, automatic=automatic)
+        target = Target(
+            min_sqnr=min_sqnr, max_drop=opts.max_drop, automatic=automatic,
+            margin_db=DEFAULT_MARGIN_DB if automatic else 0.0,
+        )  # fmt: skip
         if opts.max_drop is not None:
             if opts.metric is not None:
                 metric: Any = opts.metric

@@ -112,6 +112,8 @@ def report_target(
         why = f"quantized alone, output SQNR {alone:.1f} dB"
         report.kept_float.append(FloatChoice(node.name, labels[node.name], why))
     where = f"on {outcome.samples} calibration sample(s), {outcome.evaluations} evaluation(s)"
+    if target.margin_db and target.aim_db is not None:
+        where += f"; searched at {target.aim_db:g} dB there, a margin for unseen inputs"
     reached = f"output SQNR {outcome.sqnr_db:.1f} dB"
     if outcome.score is not None and outcome.base_score is not None:
         reached += f", {target.metric_name} {outcome.score:.2f} (float {outcome.base_score:.2f})"
