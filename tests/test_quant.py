@@ -79,6 +79,28 @@ def test_weight_scales_per_channel_and_codes():
     assert one.shape == (1,) and float(one) == pytest.approx(2.54 / 127)
 
 
+def test_pair_bounded_weight_scales_cannot_saturate_int16_pair_sums():
+    """pair_max bounds |code[k]| + |code[k+1]| (even k, along the input dim), the pairs
+    vpmaddubsw adds in int16: the worst uint8 activations then still fit."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 301)  # odd K: the last code pairs with padding
+    w[3, 10] = w[3, 11] = 5.0  # one channel's two largest weights side by side
+    scales = weight_qparams(w, per_channel=True, pair_max=127)
+    codes = quantize_weight(w, scales).int()
+    padded = F.pad(codes.abs(), (0, 1))
+    pair_sums = padded[:, 0::2] + padded[:, 1::2]
+    assert pair_sums.max() <= 128 and 255 * pair_sums.max() <= 32767
+    worst = torch.where(codes > 0, 255, 0)  # uint8 activations that maximise every pair
+    signed = F.pad(worst * codes, (0, 1))
+    assert (signed[:, 0::2] + signed[:, 1::2]).abs().max() <= 32767
+    amax = w.abs().amax(1)
+    assert torch.all(scales >= amax / 127 - 1e-9) and torch.all(scales <= amax / 63.5 + 1e-9)
+    assert scales[3] == pytest.approx(10 / 127)  # the side-by-side channel: the 7-bit bound
+    assert (amax / scales).mean() > 85  # the largest code: 91 on average here, 7-bit's 63.5
+    one = weight_qparams(w, per_channel=False, pair_max=127)
+    assert one.shape == (1,) and float(one) == pytest.approx(10 / 127)
+
+
 # -- observers --------------------------------------------------------------------------------
 
 

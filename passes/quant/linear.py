@@ -229,17 +229,18 @@ def dynamic_aten(ir: GraphIR, skip: Callable[[fx.Node], bool]) -> list[str]:
 
 
 def dynamic_onnx(
-    ir: GraphIR, skip: Callable[[fx.Node], bool], *, per_channel: bool, weight_max: int
+    ir: GraphIR, skip: Callable[[fx.Node], bool], *, per_channel: bool, pair_max: int | None
 ) -> list[str]:
-    """Replace Linear calls by the ONNX dynamic int8 Linear (codes in ``[−weight_max,
-    weight_max]``: 63 keeps the uint8 × int8 products of CPUs without VNNI from saturating)."""
+    """Replace Linear calls by the ONNX dynamic int8 Linear (``pair_max=127`` keeps the
+    uint8 × int8 pair sums of CPUs without VNNI from saturating; see
+    :func:`~.observers.weight_qparams`)."""
     from .onnxops import DYNAMIC_LINEAR
 
     done = []
     for node in linears(ir, skip):
         layer: Any = ir.module(node)
-        scales = weight_qparams(layer.weight, per_channel=per_channel, qmax=weight_max)
-        codes = quantize_weight(layer.weight, scales, weight_max)
+        scales = weight_qparams(layer.weight, per_channel=per_channel, pair_max=pair_max)
+        codes = quantize_weight(layer.weight, scales)
         f = _Emit(ir, node)
         weight = f.tensor("weight_t_int8", codes.t().contiguous())
         scale = f.tensor("weight_scale", scales.float())

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "OBSERVERS",
@@ -59,12 +60,26 @@ def activation_qparams(
     return scale, zero_point
 
 
-def weight_qparams(weight: torch.Tensor, *, per_channel: bool, qmax: int = 127) -> torch.Tensor:
+def weight_qparams(
+    weight: torch.Tensor, *, per_channel: bool, qmax: int = 127, pair_max: int | None = None
+) -> torch.Tensor:
     """Symmetric int8 scales of a weight: one per output channel (dim 0), or one in all
-    (codes in ``[−qmax, qmax]``: 127, or 63 for 7-bit weights)."""
-    w = weight.detach().float()
-    amax = w.abs().flatten(1).amax(1) if per_channel else w.abs().amax().reshape(1)
-    return (amax / qmax).clamp(min=EPS)
+    (codes in ``[−qmax, qmax]``: 127, or 63 for 7-bit weights).
+
+    ``pair_max`` also bounds ``|code[k]| + |code[k+1]|`` for each even ``k`` along the input
+    dim to ``pair_max + 1`` (rounding adds at most ½ to each code). uint8 × int8 kernels of
+    CPUs without VNNI (``vpmaddubsw``) add exactly those pairs of products in int16, so with
+    ``pair_max=127`` no uint8 activation can overflow them (255 · 128 ≤ 32767). The scale
+    then lies between the 8-bit one (``max|w| / 127``) and the 7-bit one (``max|w| / 63.5``),
+    near the first unless a channel's largest weights sit side by side."""
+    w = weight.detach().float().flatten(1).abs()
+    amax = w.amax(1) if per_channel else w.amax().reshape(1)
+    scale = amax / qmax
+    if pair_max is not None:
+        pairs = F.pad(w, (0, w.shape[1] % 2)).unflatten(1, (-1, 2)).sum(2).amax(1)
+        pairs = pairs if per_channel else pairs.amax().reshape(1)
+        scale = torch.maximum(scale, pairs / pair_max)
+    return scale.clamp(min=EPS)
 
 
 def quantize_weight(weight: torch.Tensor, scales: torch.Tensor, qmax: int = 127) -> torch.Tensor:

@@ -123,9 +123,9 @@ class Quant(graphopt.Pass):
         per_channel: bool = graphopt.option(True, "one weight scale per output channel")
         reduce_range: bool = graphopt.option(
             True,
-            "7-bit activations (static and dynamic; 7-bit weights in ONNX dynamic int8), so "
-            "int8 kernels on CPUs without VNNI cannot overflow; false: 8-bit, more accurate, "
-            "for VNNI/AMX CPUs",
+            "7-bit activations (static and dynamic; in ONNX dynamic int8, weights whose "
+            "adjacent pairs sum to ≤ 128 codes), so int8 kernels on CPUs without VNNI cannot "
+            "overflow; false: full 8-bit, more accurate, for VNNI/AMX CPUs",
         )
         onnx_int8: bool = graphopt.option(
             False, "form=qdq: signed int8 activations instead of uint8 (S8S8 in onnxruntime)"
@@ -189,11 +189,13 @@ class Quant(graphopt.Pass):
     def _qrange(self) -> tuple[int, int]:
         return (0, 127) if self.options.reduce_range else (0, 255)
 
-    def _onnx_weight_max(self) -> int:
+    def _onnx_pair_max(self) -> int | None:
         """ONNX's DynamicQuantizeLinear has 8-bit activations only, so ``reduce_range``
-        keeps the weights to 7 bits instead (onnxruntime's own meaning of it): the uint8 ×
-        int8 pair sums of CPUs without VNNI then stay within int16."""
-        return 63 if self.options.reduce_range else 127
+        bounds the weights instead: each adjacent pair of codes sums to at most 128 in
+        magnitude, so the uint8 × int8 pair sums of CPUs without VNNI stay within int16.
+        (onnxruntime's ``reduce_range`` takes 7-bit weights for that; the pair bound costs
+        less precision, since few channels have their two largest weights side by side.)"""
+        return 127 if self.options.reduce_range else None
 
     def _batches(self, ir: GraphIR, ctx: PassContext) -> list[tuple[Any, ...]]:
         n_inputs = len(ir.example_inputs)
@@ -249,7 +251,7 @@ class Quant(graphopt.Pass):
         elif form == "onnx":
             rounding = Rounding(
                 "dynamic", (0, 255), per_channel=opts.per_channel,
-                weight_max=self._onnx_weight_max(),
+                pair_max=self._onnx_pair_max(),
             )  # fmt: skip
         else:
             inputs = "per_row" if form == "aten" else "dynamic"
@@ -430,9 +432,10 @@ class Quant(graphopt.Pass):
         elif form == "onnx":
             probe = random_batches(ir.example_inputs, 1)[0]
             reference = (run_model(ir.gm, probe), probe)
-            weight_max = self._onnx_weight_max()
-            done = dynamic_onnx(ir, skip, per_channel=opts.per_channel, weight_max=weight_max)
-            kind = f"dynamic, ONNX integer ops, {'7' if weight_max == 63 else '8'}-bit weights"
+            pair_max = self._onnx_pair_max()
+            done = dynamic_onnx(ir, skip, per_channel=opts.per_channel, pair_max=pair_max)
+            bound = ", adjacent pairs bounded for CPUs without VNNI" if pair_max else ""
+            kind = f"dynamic, ONNX integer ops, 8-bit weights{bound}"
             lstms = ir.nodes(module_type=torch.nn.LSTM)
             if lstms:
                 ctx.note(
