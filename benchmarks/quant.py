@@ -52,6 +52,7 @@ import argparse
 import copy
 import logging
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -120,12 +121,16 @@ def held_out(res: int, n: int = 8) -> torch.Tensor:
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed round-robin so load hits all alike."""
+    """Median seconds per call of each function, timed round-robin so load hits all alike;
+    each round in a new (seeded) order, since a model runs faster or slower after another
+    by a few % (caches), which a fixed order would charge to one of them every round."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for f in fns.values():
         f()  # warm-up
+    order, rng = list(fns.items()), random.Random(0)
     for _ in range(repeat):
-        for name, f in fns.items():
+        rng.shuffle(order)
+        for name, f in order:
             start = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - start)
