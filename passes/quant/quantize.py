@@ -193,8 +193,8 @@ class Quant(graphopt.Pass):
         """ONNX's DynamicQuantizeLinear has 8-bit activations only, so ``reduce_range``
         bounds the weights instead: each adjacent pair of codes sums to at most 128 in
         magnitude, so the uint8 × int8 pair sums of CPUs without VNNI stay within int16.
-        (onnxruntime's ``reduce_range`` takes 7-bit weights for that; the pair bound costs
-        less precision, since few channels have their two largest weights side by side.)"""
+        (onnxruntime's ``reduce_range`` takes 7-bit weights for that; the pair bound keeps
+        about half a bit more: a channel's largest pair is rarely twice its largest weight.)"""
         return 127 if self.options.reduce_range else None
 
     def _batches(self, ir: GraphIR, ctx: PassContext) -> list[tuple[Any, ...]]:

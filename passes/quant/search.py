@@ -47,16 +47,15 @@ class Rounding:
     ``inputs``: ``static`` (calibrated per-tensor qparams), ``dynamic`` (per-tensor range of
     each tensor, as fbgemm's dynamic kernels), ``per_row`` (symmetric per row, the aten
     dynamic form), ``bf16`` (weight-only kernels take bfloat16) . ``bits`` and
-    ``group_size``: int8 per output channel, or int4 per group of inputs; ``weight_max``:
-    the largest int8 weight code (127, or 63 for 7-bit weights); ``pair_max``: the bound on
-    adjacent codes' summed magnitude (see :func:`~.observers.weight_qparams`), or None."""
+    ``group_size``: int8 per output channel, or int4 per group of inputs; ``pair_max``: the
+    bound on adjacent int8 codes' summed magnitude (see :func:`~.observers.weight_qparams`),
+    or None."""
 
     inputs: str = "static"
     qrange: tuple[int, int] = (0, 127)
     per_channel: bool = True
     bits: int = 8
     group_size: int = 0
-    weight_max: int = 127
     pair_max: int | None = None
 
 
@@ -70,10 +69,8 @@ def dequantized_weight(w: torch.Tensor, rounding: Rounding) -> torch.Tensor:
         codes, scale, zero = int4_codes(w, rounding.group_size)
         groups = codes.float().reshape(n, k // rounding.group_size, rounding.group_size)
         return ((groups - 8) * scale.float()[..., None] + zero.float()[..., None]).reshape(n, k)
-    scales = weight_qparams(
-        w, per_channel=rounding.per_channel, qmax=rounding.weight_max, pair_max=rounding.pair_max
-    )
-    codes = quantize_weight(w, scales, rounding.weight_max)
+    scales = weight_qparams(w, per_channel=rounding.per_channel, pair_max=rounding.pair_max)
+    codes = quantize_weight(w, scales)
     shape = (-1,) + (1,) * (w.dim() - 1)
     return codes.float() * (scales.reshape(shape) if scales.numel() > 1 else scales)
 
