@@ -19,9 +19,11 @@ from graphopt.loading import example_inputs, load_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 _SMALL = "vocab_size=500&max_position_embeddings=32"
+#: BERT gets 128 labels: the SQNR of 2 logits a sequence is one draw of the weight rounding
+#: (on it, onnxruntime's coarser per-tensor weights came out 2.6 dB ahead of the bounded pairs)
 SPECS = {
     "bert": f"hf:bert?num_hidden_layers=2&hidden_size=64&num_attention_heads=2&"
-    f"intermediate_size=128&{_SMALL}",
+    f"intermediate_size=128&num_labels=128&{_SMALL}",
     "gpt2": "hf:gpt2?n_layer=2&n_embd=64&n_head=2&vocab_size=500&n_positions=32",
     "llama": "hf:llama?num_hidden_layers=2&hidden_size=64&intermediate_size=128&"
     f"num_attention_heads=4&num_key_value_heads=2&{_SMALL}",
@@ -150,8 +152,9 @@ def test_dynamic_int8_onnx_runs_integer_kernels_in_onnxruntime(family, loaded, t
     assert ours >= BUDGET_DB
     graphopt.optimize(ir, "cleanup", output=fp32)
     quantize_dynamic(fp32, theirs, weight_type=QuantType.QInt8)
-    # per-channel weights against onnxruntime's per-tensor ones
-    assert ours >= _sqnr(ir.gm, _ort_runner(theirs)[1], held_out) - 0.5
+    # per-channel weights against onnxruntime's per-tensor ones; measured: BERT 38.4 vs
+    # 36.0 dB, GPT-2 37.8 vs 35.8
+    assert ours >= _sqnr(ir.gm, _ort_runner(theirs)[1], held_out)
 
 
 def test_dynamic_onnx_default_bounds_weight_pairs(loaded, tmp_path):
@@ -180,11 +183,10 @@ def test_dynamic_onnx_default_bounds_weight_pairs(loaded, tmp_path):
 def test_dynamic_onnx_default_at_least_as_accurate_as_onnxruntime_default(family, loaded, tmp_path):
     """The default .onnx (bounded weight pairs, safe on CPUs without VNNI) against
     onnxruntime's default quantize_dynamic (8-bit per-tensor weights) on the same fp32
-    export. BERT gets 128 labels: the SQNR of 2 logits a sequence is one draw of the weight
-    rounding (on it, onnxruntime's coarser per-tensor weights came out 2.6 dB ahead)."""
+    export."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    ir = graphopt.load(SPECS["bert"] + "&num_labels=128") if family == "bert" else loaded[family]
+    ir = loaded[family]
     ours, fp32, theirs = (str(tmp_path / f) for f in ("m.onnx", "fp32.onnx", "ort.onnx"))
     graphopt.optimize(ir, "quant(min_sqnr=0)", output=ours)
     graphopt.optimize(ir, "cleanup", output=fp32)
