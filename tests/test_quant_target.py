@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torchvision
 from conftest import randomize_bn, run_main
 from graphopt.passes.quant import DEFAULT_MARGIN_DB, DEFAULT_MIN_SQNR, Quant, quant_report
-from graphopt.passes.quant.search import Evaluation, choose_floats
+from graphopt.passes.quant.search import Evaluation, choose_floats, float_order
 from quant_helpers import batches, out_sqnr
 from quant_helpers import quantize as run
 from torch import nn
@@ -74,6 +74,38 @@ def test_search_gives_back_sites_a_wrong_ranking_put_first():
     assert best.met and best.floats == ("b",)
 
 
+def test_search_keeps_cheap_sites_float_before_a_costly_one():
+    # a language model's head: the noisiest op, but as costly as everything else together;
+    # two small layers hold as much noise between them
+    noise = {"head": 1.2e-2, "a": 6e-3, "b": 6e-3, "c": 1e-3, "d": 1e-3}
+    cost = {"head": 1000.0, "a": 10.0, "b": 10.0, "c": 10.0, "d": 10.0}
+    evaluate, _ = additive(noise)
+    aim = 10 * math.log10(1 / 1.45e-2)  # met once the head, or a and b, are float
+    order = float_order(noise, cost)
+    assert order[:2] == ["a", "b"] and order[-1] == "head"
+    best, _ = choose_floats(lambda: order, lambda f: evaluate(f, aim), cost=cost.__getitem__)
+    assert best.met and set(best.floats) == {"a", "b"}
+    # by noise alone the head would be chosen: one op, but 50 times the cost
+    fewest, _ = choose_floats(
+        lambda: sorted(noise, key=lambda k: -noise[k]), lambda f: evaluate(f, aim)
+    )
+    assert fewest.floats == ("head",)
+
+
+def test_search_gives_back_the_costliest_site_first():
+    # a ranking that misjudged big: the shortest prefix that meets the target is big, a, b;
+    # either big or a can go back to int8, not both, and the give-back must take big
+    noise = {"big": 4e-3, "a": 4e-3, "b": 5e-3, "c": 1e-3}
+    cost = {"big": 100.0, "a": 1.0, "b": 1.0, "c": 1.0}
+    evaluate, _ = additive(noise)
+    aim = 10 * math.log10(1 / 5.5e-3)
+    order = ["big", "a", "b", "c"]
+    best, _ = choose_floats(lambda: order, lambda f: evaluate(f, aim), cost=cost.__getitem__)
+    assert best.met and set(best.floats) == {"a", "b"}
+    plain, _ = choose_floats(lambda: order, lambda f: evaluate(f, aim))  # reverse ranking order
+    assert set(plain.floats) == {"big", "b"}
+
+
 def test_search_does_not_rank_when_all_int8_meets_the_target():
     evaluate, _ = additive({"a": 1e-4})
 
@@ -114,6 +146,14 @@ def test_min_sqnr_keeps_ops_float_until_met_and_says_which():
     note = next(n for n in entry.notes if n.startswith("target output SQNR"))
     assert "met keeping" in note and all(name in note for name in kept)
     assert len(report.impact) == len(report.quantized) + len(kept)  # every site measured
+    # the share of the MACs kept float, against the float model's own count (fold keeps the
+    # conv and add names; an add counts no MACs)
+    macs = {k: c.macs for k, c in GraphIR.trace(model, (x,)).costs().items()}
+    sites = kept | set(report.quantized)
+    assert sites <= macs.keys()
+    share = sum(macs[k] for k in kept) / sum(macs[k] for k in sites)
+    said = re.search(r"float \(([\d.]+)% of the quantizable MACs\)", note)
+    assert said and float(said.group(1)) == pytest.approx(100 * share, abs=0.06)
 
 
 def test_unreachable_target_is_one_sentence():

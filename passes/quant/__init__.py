@@ -19,7 +19,7 @@ are first expanded into their ops so their Linears quantize too
 
 Static quantization keeps an accuracy target: the output SQNR against the float model
 (25 dB unless ``min_sqnr`` says otherwise) or a drop in accuracy (``max_drop``). The
-pass keeps the fewest ops in float that meet it (:mod:`graphopt.passes.quant.search`) and
+pass keeps the cheapest ops in float that meet it (:mod:`graphopt.passes.quant.search`) and
 says which and why in the ledger and in :func:`quant_report`.
 
 Weights are int8, symmetric, per output channel; activations uint8 per tensor, asymmetric

@@ -41,7 +41,7 @@ from .target import Target, accuracy_metric, labelled, meet_target, resolve_metr
 
 __all__ = ["DEFAULT_MARGIN_DB", "DEFAULT_MIN_SQNR", "Quant"]
 
-#: output SQNR (dB) plain ``quant`` keeps, keeping the fewest ops in float for it
+#: output SQNR (dB) plain ``quant`` keeps, keeping the cheapest ops in float for it
 DEFAULT_MIN_SQNR = 25.0
 #: the default target is searched this many dB above DEFAULT_MIN_SQNR on the calibration
 #: samples: on unseen inputs vit_b_16 landed 0.2 dB below what its calibration samples gave
@@ -80,14 +80,14 @@ class Quant(graphopt.Pass):
         )
         min_sqnr: float | None = graphopt.option(
             None,
-            f"keep the fewest ops float so the output SQNR stays ≥ this many dB (default "
+            f"keep the cheapest ops float so the output SQNR stays ≥ this many dB (default "
             f"{DEFAULT_MIN_SQNR:g}; 0 turns the target off)",
             ge=0,
             what="a number of decibels",
         )
         max_drop: float | None = graphopt.option(
             None,
-            "keep the fewest ops float so accuracy on labelled data (or metric) drops ≤ this",
+            "keep the cheapest ops float so accuracy on labelled data (or metric) drops ≤ this",
             ge=0,
             what="a number of accuracy points",
         )

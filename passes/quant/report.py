@@ -124,7 +124,8 @@ def report_target(
         verdict = "met" if outcome.met else "NOT met"
         ctx.note(
             f"target {target.describe()}: {verdict} keeping {len(outcome.floats)} op(s) in "
-            f"float: {names}; {reached}, all-int8 {outcome.all_int8_sqnr_db:.1f} dB ({where})"
+            f"float ({outcome.float_macs_share:.1%} of the quantizable MACs): {names}; "
+            f"{reached}, all-int8 {outcome.all_int8_sqnr_db:.1f} dB ({where})"
         )
         ctx.stat("ops kept float (target)", len(outcome.floats))
     if math.isfinite(outcome.sqnr_db):

@@ -9,11 +9,15 @@ without rebuilding the model. It proceeds in three steps:
 2. Each site's *impact* is measured: the output noise when that site alone runs in int8
    (one pass over the graph per site, each starting where the site is, from the float
    values computed up to there; on two samples, a ranking needs less precision than a
-   verdict). Sites are ranked by impact, worst first.
-3. The smallest number ``k`` of worst sites kept in float that meets the target is found by
-   doubling ``k`` and then bisecting (about ``2·log2(k)`` evaluations); each of those ``k``
-   is then tried in int8 again, and stays int8 if the target still holds, so that no site
-   stays float needlessly.
+   verdict). Sites are ranked by impact per unit of *cost*, what keeping the site float
+   costs (its multiply-accumulates plus its output's elements, see
+   :func:`~.target.site_costs`): the order in which a knapsack's greedy fills the float
+   budget, so a large layer such as a language model's head stays float only when several
+   cheaper ops cannot take its place.
+3. The shortest prefix of that ranking kept in float that meets the target is found by
+   doubling its length ``k`` and then bisecting (about ``2·log2(k)`` evaluations); each of
+   those sites is then tried in int8 again, costliest first, and stays int8 if the target
+   still holds, so that no site stays float needlessly.
 
 Output noise adds up, roughly, over sites (each rounds independently), which is why the
 ranking by impact is a good order; the bisection checks the real combined effect.
@@ -37,7 +41,15 @@ from .convert import QParams
 from .observers import activation_qparams, fake_quantize, quantize_weight, weight_qparams
 from .plan import Plan, Site, tensor_inputs
 
-__all__ = ["Evaluation", "Rounding", "Simulator", "choose_floats", "impacts", "output_noise"]
+__all__ = [
+    "Evaluation",
+    "Rounding",
+    "Simulator",
+    "choose_floats",
+    "float_order",
+    "impacts",
+    "output_noise",
+]
 
 
 @dataclass(frozen=True)
@@ -230,17 +242,26 @@ class Evaluation:
     met: bool
 
 
+def float_order(noise: dict[Any, float], cost: dict[Any, float]) -> list[Any]:
+    """Sites in the order to keep them float: the most output noise removed per unit of
+    cost first (the greedy order for a knapsack; ties keep ``noise``'s order)."""
+    return sorted(noise, key=lambda n: -noise[n] / max(cost[n], 1e-30))
+
+
 def choose_floats(
     ranking: Callable[[], list[fx.Node]],
     evaluate: Callable[[tuple[fx.Node, ...]], Evaluation],
     guess: Callable[[list[fx.Node]], int] | None = None,
+    cost: Callable[[fx.Node], float] | None = None,
 ) -> tuple[Evaluation, list[Evaluation]]:
-    """The fewest sites of ``ranking()`` (worst first) to keep float so that the target holds.
+    """The shortest prefix of ``ranking()`` (best to keep float first) to keep float so that
+    the target holds, then each of its sites tried back in int8.
 
     ``ranking`` is only called when the all-int8 model misses the target. ``guess(order)``,
     if given, is a first estimate of how many to keep float; the search checks it and its
-    neighbour below, and gallops up or bisects down from there. Returns the chosen
-    evaluation and every evaluation made, the all-int8 one first."""
+    neighbour below, and gallops up or bisects down from there. The sites are tried back in
+    int8 costliest first by ``cost`` (in reverse ranking order without it). Returns the
+    chosen evaluation and every evaluation made, the all-int8 one first."""
     tried: list[Evaluation] = []
 
     def check(floats: tuple[fx.Node, ...]) -> Evaluation:
@@ -279,9 +300,13 @@ def choose_floats(
             lo = mid
     if hi == n:
         return best, tried  # only every site float meets it: the caller refuses that anyway
-    # the ranking is an estimate: give each chosen site but the last a chance back in int8
+    # the ranking is an estimate: give each chosen site but the last (the prefix without it
+    # fell short) a chance back in int8
     floats = list(best.floats)
-    for node in reversed(best.floats[:-1]):
+    back = list(reversed(best.floats[:-1]))
+    if cost is not None:
+        back.sort(key=lambda n: -cost(n))
+    for node in back:
         trial = check(tuple(f for f in floats if f is not node))
         if trial.met:
             floats.remove(node)

@@ -27,6 +27,7 @@ from .search import (
     Evaluation,
     Simulator,
     choose_floats,
+    float_order,
     impacts,
     output_noise,
     tensor_leaves,
@@ -155,6 +156,8 @@ class TargetOutcome:
     impact_db: dict[str, float] = field(default_factory=dict)  #: site → SQNR when alone int8
     evaluations: int = 0
     samples: int = 0
+    #: the part of the sites' MACs that the float sites run (what keeping them costs)
+    float_macs_share: float = 0.0
 
 
 class _Model(torch.nn.Module):
@@ -175,10 +178,11 @@ def meet_target(
     batches: list[tuple[Any, ...]],
     target: Target,
 ) -> TargetOutcome:
-    """Find the fewest sites of ``plan`` to keep float so that ``target`` holds, trying them
-    on ``sim`` (see :mod:`graphopt.passes.quant.search`)."""
+    """Find the cheapest sites of ``plan`` to keep float so that ``target`` holds, trying
+    them on ``sim`` (see :mod:`graphopt.passes.quant.search`)."""
     probe, refs = eval_set(ir.gm, batches)
     sites = list(plan.sites)
+    cost: dict[fx.Node, float] = {}  # filled with the ranking (not needed when all-int8 meets)
     outcome = TargetOutcome(samples=sum(_samples(b) for b in probe))
     if target.max_drop is not None:
         assert target.metric is not None
@@ -211,14 +215,16 @@ def meet_target(
             noise = impacts(sim, sites, few, few_refs)
             signal = sum(output_noise(r, r)[0] for r in few_refs)
             outcome.impact_db = {n.name: to_db(signal, noise[n]) for n in sites}
-            ranking_cache.extend(sorted(sites, key=lambda n: -noise[n]))
+            cost.update(site_costs(ir, plan))
+            ranking_cache.extend(float_order(noise, cost))
             total = sum(noise.values()) or 1.0
             share.update({n: v / total for n, v in noise.items()})
         return ranking_cache
 
     def guess(order: list[fx.Node]) -> int:
-        """Fewest sites whose float-keeping the additive noise model says meets the SQNR
-        target (the all-int8 noise, less the shares of the sites kept float)."""
+        """The shortest prefix of ``order`` whose float-keeping the additive noise model says
+        meets the SQNR target (the all-int8 noise, less the shares of the sites kept
+        float)."""
         first, aim = outcome.all_int8_sqnr_db, target.aim_db
         if aim is None or not math.isfinite(first):
             return 1
@@ -229,7 +235,7 @@ def meet_target(
                 return k
         return len(order)
 
-    best, tried = choose_floats(ranking, evaluate, guess)
+    best, tried = choose_floats(ranking, evaluate, guess, cost=cost.__getitem__)
     if sites and len(best.floats) == len(sites):
         all_int8 = tried[0].figures["sqnr_db"]
         raise GraphoptError(
@@ -242,7 +248,27 @@ def meet_target(
     outcome.sqnr_db = best.figures["sqnr_db"]
     outcome.score = best.figures.get("score")
     outcome.evaluations = len(tried)
+    if best.floats:
+        macs = {n: _macs(ir, n) for n in sites}
+        outcome.float_macs_share = sum(macs[n] for n in best.floats) / (sum(macs.values()) or 1)
     return outcome
+
+
+def site_costs(ir: GraphIR, plan: Plan) -> dict[fx.Node, float]:
+    """What keeping each site float costs, estimated: its multiply-accumulates (which run in
+    float rather than int8) plus its output's elements (the dequantize/quantize pair at the
+    border of a float op; what a float add or concat costs)."""
+    return {node: _macs(ir, node) + _elements(ir, site.result) for node, site in plan.sites.items()}
+
+
+def _macs(ir: GraphIR, node: fx.Node) -> float:
+    cost = ir.costs().get(node.name)
+    return float(cost.macs) if cost is not None else 0.0
+
+
+def _elements(ir: GraphIR, node: fx.Node) -> int:
+    shape = ir.shape(node)
+    return max(math.prod(shape), 1) if shape is not None else 1
 
 
 def _first_samples(batches: list[tuple[Any, ...]], k: int) -> list[tuple[Any, ...]]:
