@@ -6,6 +6,7 @@ import math
 import re
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -192,6 +193,42 @@ def test_default_target_is_quiet_when_met_and_loud_when_the_model_is_broken():
     assert any(n.startswith("WARNING") and "fc1" in n for n in result.ledger[-1].notes)
     note = next(n for n in result.ledger[-1].notes if n.startswith("target output SQNR"))
     assert f"searched at {DEFAULT_MIN_SQNR + DEFAULT_MARGIN_DB:g} dB" in note
+
+
+def test_default_target_on_a_seeded_sample_of_timm():
+    """Plain quant on the models timm's seeded sample draws (tests/test_timm.py), at 64 px
+    with random calibration, as a user without data would run it: the int8 model keeps
+    20 dB on inputs calibration never saw, a model whose all-int8 figure is below that is
+    named in a warning with its worst layers, and ops kept float come with their share of
+    the MACs."""
+    pytest.importorskip("timm")
+    from test_timm import seeded_sample
+
+    import graphopt
+
+    for name in seeded_sample():
+        try:
+            ir = graphopt.load(f"timm:{name}", input_shapes=[(1, 3, 64, 64)])
+        except GraphoptError:  # a model that cannot run at 64 px takes its default size
+            ir = graphopt.load(f"timm:{name}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = graphopt.optimize(ir, "fold,quant")
+        notes = result.ledger[-1].notes
+        gen = torch.Generator().manual_seed(3)
+        held_out = [torch.randn(ir.example_inputs[0].shape, generator=gen) for _ in range(4)]
+        sqnr = out_sqnr(ir.gm, result.ir.gm, torch.cat(held_out))
+        assert sqnr >= 20, (name, sqnr, notes)
+        note = next(n for n in notes if n.startswith("target output SQNR"))
+        # "met with every op in int8 (output SQNR X dB" or "…, all-int8 X dB"
+        found = re.search(r"all-int8 ([\d.]+) dB", note) or re.search(r"SQNR ([\d.]+) dB", note)
+        assert found, note
+        all_int8 = float(found.group(1))
+        if "met keeping" in note:
+            assert "of the quantizable MACs" in note, note
+        if all_int8 < 20:
+            loud = [str(w.message) for w in caught if "below 20 dB" in str(w.message)]
+            assert loud and "the worst layers alone in int8" in loud[0], (name, notes)
 
 
 # -- max_drop ------------------------------------------------------------------------------------
