@@ -155,6 +155,7 @@ def test_min_sqnr_keeps_ops_float_until_met_and_says_which():
     share = sum(macs[k] for k in kept) / sum(macs[k] for k in sites)
     said = re.search(r"float \(([\d.]+)% of the quantizable MACs\)", note)
     assert said and float(said.group(1)) == pytest.approx(100 * share, abs=0.06)
+    assert report.float_macs_share == pytest.approx(share)
 
 
 def test_unreachable_target_is_one_sentence():

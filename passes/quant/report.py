@@ -65,6 +65,7 @@ class QuantReport:
     target_met: bool = True
     sqnr_db: float = math.nan  #: output SQNR on the evaluation samples (simulated int8)
     kept_float: list[FloatChoice] = field(default_factory=list)  #: ops the target kept float
+    float_macs_share: float = 0.0  #: the part of the quantizable ops' MACs those ops run
     impact: list[LayerSensitivity] = field(default_factory=list)  #: SQNR with one op int8
 
 
@@ -101,7 +102,7 @@ def report_target(
     default target had to act on a model whose all-int8 SQNR was below ``warn_below`` dB,
     or when a target was not met."""
     report.target, report.target_met = target.describe(), outcome.met
-    report.sqnr_db = outcome.sqnr_db
+    report.sqnr_db, report.float_macs_share = outcome.sqnr_db, outcome.float_macs_share
     labels = {n.name: s.label for n, s in plan.sites.items()}
     report.impact = sorted(
         (LayerSensitivity(k, labels[k], v) for k, v in outcome.impact_db.items()),
