@@ -159,7 +159,7 @@ def quant_accuracy(folded: Any, quantized: Any, x: Any, entry: Any) -> dict[str,
     """The int8 model's output SQNR against the float one it came from, on 4 random inputs
     shaped like ``x`` that calibration never saw, and what quant's ledger row says."""
     import torch
-    from graphopt.passes.quant.search import output_noise
+    from graphopt.passes.quant.search import output_noise, to_db
 
     gen = torch.Generator().manual_seed(99)
     signal = noise = 0.0
@@ -168,9 +168,8 @@ def quant_accuracy(folded: Any, quantized: Any, x: Any, entry: Any) -> dict[str,
             held = torch.randn(x.shape, generator=gen)
             s, n = output_noise(folded(held), quantized(held))
             signal, noise = signal + s, noise + n
-    db = 10 * math.log10(signal / noise) if noise > 0 else math.inf
     return {
-        "sqnr": db,
+        "sqnr": to_db(signal, noise),
         "search_sqnr": entry.stats.get("output SQNR dB"),
         "floats": int(entry.stats.get("ops kept float (target)", 0)),
         # the accuracy warnings (not the one about calibrating on random inputs)
